@@ -1,0 +1,43 @@
+"""vaelib: the companion package of *Three Roads to the ELBO*.
+
+Bounds on log p(x) from importance weights, an exact linear-Gaussian toy model,
+a variational autoencoder built from ``torch.distributions``, a device-resident
+training loop, importance-sampled evaluation and data loaders.
+"""
+
+from vaelib import data
+from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
+from vaelib.checkpoint import CheckpointError, load, save
+from vaelib.estimators import elbo_surrogate
+from vaelib.evaluate import active_units, latent_activity, log_likelihood
+from vaelib.glue import glue
+from vaelib.history import History
+from vaelib.models import VAE, MLPConfig
+from vaelib.toy import LinearGaussian, as_multivariate_normal
+from vaelib.train import TrainingDiverged, default_device, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAE",
+    "CheckpointError",
+    "History",
+    "LinearGaussian",
+    "MLPConfig",
+    "TrainingDiverged",
+    "__version__",
+    "active_units",
+    "as_multivariate_normal",
+    "data",
+    "default_device",
+    "elbo_from_log_weights",
+    "elbo_surrogate",
+    "fit",
+    "glue",
+    "iwae_from_log_weights",
+    "latent_activity",
+    "load",
+    "log_likelihood",
+    "log_weights",
+    "save",
+]

@@ -1,0 +1,93 @@
+"""Argument checks shared by the public functions.
+
+Each check raises before any work is done, with a message that names the
+argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+OBJECTIVES = ("elbo", "iwae")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an integer >= 1, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+    return int(value)
+
+
+def check_nonnegative_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an integer >= 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value}")
+    return int(value)
+
+
+def check_positive_float(value: object, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number > 0, got {value!r}")
+    if not np.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise."""
+    if value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected one of {expected}, got {value!r}")
+    return str(value)
+
+
+def as_tensor(x: object, name: str) -> Tensor:
+    """Turn array-like data into a floating-point tensor (no copy for tensors)."""
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not t.is_floating_point():
+        t = t.float()
+    return t
+
+
+def check_data(x: object, name: str, *, x_dim: int, likelihood: str) -> Tensor:
+    """Validate a data matrix for a model with ``x_dim`` features.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a tensor or array.
+    ValueError
+        If ``x`` is empty, not of shape ``(n, x_dim)``, holds NaN or infinite
+        values, or lies outside [0, 1] while the likelihood is Bernoulli.
+    """
+    t = as_tensor(x, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-d array of shape (n, {x_dim}), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got an empty array of shape {tuple(t.shape)}")
+    if t.shape[1] != x_dim:
+        raise ValueError(f"{name}: expected {x_dim} features per row (the model's x_dim), got {t.shape[1]}")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN or infinite entries")
+    if likelihood == "bernoulli":
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name}: a Bernoulli likelihood needs values in [0, 1], got values in [{lo:g}, {hi:g}]")
+    return t

@@ -1,0 +1,250 @@
+"""Data sets: the embedded 8x8 digits, MNIST from IDX files, dynamic binarization.
+
+The digits (1,797 images of 8x8 pixels from scikit-learn, originally the UCI
+"Optical Recognition of Handwritten Digits" set) ship inside the package, so
+the book runs with no network. MNIST is read from the four standard IDX gzip
+files, whose decompressed bytes are checked against their published SHA-256
+before use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.request
+import zlib
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MNIST_FILES",
+    "MNIST_MIRRORS",
+    "MNIST_SHA256",
+    "ChecksumError",
+    "IDXError",
+    "binarize",
+    "load_digits",
+    "load_mnist",
+    "read_idx",
+]
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+# SHA-256 of the decompressed files (the .gz wrappers differ between mirrors).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+# IDX magic numbers: 0x0000 then the type code 0x08 (unsigned byte) and the number of dimensions.
+_IDX_MAGIC = {2049: 1, 2051: 3}
+# No standard IDX file is larger than this once decompressed (60000 x 28 x 28 + header).
+MAX_IDX_BYTES = 64 * 1024 * 1024
+
+
+class IDXError(ValueError):
+    """A file that is not a well-formed IDX file of the expected kind."""
+
+
+class ChecksumError(ValueError):
+    """A file whose decompressed bytes do not have the published SHA-256."""
+
+
+def _decompress(path: Path, max_bytes: int) -> bytes:
+    """Gunzip ``path`` (or read it if it is not gzip), refusing more than ``max_bytes``."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    try:
+        if head == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        else:
+            data = path.read_bytes()[: max_bytes + 1]
+    except (OSError, EOFError, zlib.error) as err:
+        raise IDXError(f"{path}: not a readable gzip file ({err})") from err
+    if len(data) > max_bytes:
+        raise IDXError(f"{path}: decompresses to more than {max_bytes} bytes; not an MNIST IDX file")
+    return data
+
+
+def _parse_idx(data: bytes, source: str) -> np.ndarray:
+    if len(data) < 8:
+        raise IDXError(f"{source}: too short for an IDX header ({len(data)} bytes)")
+    (magic,) = struct.unpack(">I", data[:4])
+    if magic not in _IDX_MAGIC:
+        raise IDXError(f"{source}: wrong magic number {magic} (expected 2049 for labels or 2051 for images)")
+    ndim = _IDX_MAGIC[magic]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{source}: header cut off ({len(data)} bytes, expected {header})")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    # Compare the claimed size with the bytes present before allocating anything.
+    if len(data) - header != expected:
+        raise IDXError(
+            f"{source}: header claims shape {shape} ({expected} bytes of data), "
+            f"but {len(data) - header} bytes follow it (truncated or corrupt)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx(path: str | os.PathLike, *, sha256: str | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a uint8 array.
+
+    Parameters
+    ----------
+    path : path-like
+    sha256 : str, optional
+        Expected SHA-256 of the decompressed bytes; checked before parsing.
+    max_bytes : int
+        Refuse files that decompress to more than this.
+
+    Raises
+    ------
+    IDXError
+        Unreadable gzip, wrong magic number, or a header that disagrees with the data.
+    ChecksumError
+        If ``sha256`` is given and does not match.
+    """
+    path = Path(path)
+    data = _decompress(path, max_bytes)
+    if sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise ChecksumError(
+                f"{path}: SHA-256 of the decompressed bytes is {digest}, expected {sha256}; "
+                "the file is damaged or not the published one (delete it and download again)"
+            )
+    return _parse_idx(data, str(path))
+
+
+def _download(name: str, root: Path, mirrors: tuple[str, ...], sha256: str | None) -> None:
+    """Fetch ``name`` into ``root`` atomically: a temporary file, verified, then renamed."""
+    errors = []
+    for mirror in mirrors:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(mirror + name, timeout=60) as resp:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            read_idx(tmp, sha256=sha256)  # verify before it takes the final name
+            os.replace(tmp, root / name)
+            return
+        except (OSError, ValueError) as err:
+            errors.append(f"{mirror}{name}: {err}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise OSError("could not download a good copy of " + name + ":\n  " + "\n  ".join(errors))
+
+
+def load_mnist(
+    root: str | os.PathLike,
+    download: bool = False,
+    *,
+    checksums: dict[str, str] | None = MNIST_SHA256,
+    mirrors: tuple[str, ...] = MNIST_MIRRORS,
+    with_labels: bool = False,
+) -> tuple[Tensor, ...]:
+    """MNIST as float32 rows in [0, 1]: ``train_x`` (60000, 784) and ``test_x`` (10000, 784).
+
+    Parameters
+    ----------
+    root : path-like
+        Folder holding the four ``*-ubyte.gz`` files.
+    download : bool
+        Fetch missing files from ``mirrors`` (each verified before it is kept).
+    checksums : dict, optional
+        Expected SHA-256 of each decompressed file; ``None`` skips verification
+        (for files you made yourself).
+    mirrors : tuple of str
+        Base URLs tried in order.
+    with_labels : bool
+        Also return the labels: ``train_x, train_y, test_x, test_y``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file is missing and ``download`` is False.
+    IDXError, ChecksumError
+        A file is malformed or not the published one.
+    """
+    root = Path(root)
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for key, name in MNIST_FILES.items():
+        expected = None if checksums is None else checksums.get(name)
+        if not (root / name).exists():
+            if not download:
+                raise FileNotFoundError(f"{root / name}: missing; pass download=True to fetch MNIST")
+            _download(name, root, mirrors, expected)
+        arrays[key] = read_idx(root / name, sha256=expected)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise IDXError(f"{root / MNIST_FILES[f'{split}_images']}: expected images of 28 x 28, got {images.shape}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise IDXError(
+                f"{root / MNIST_FILES[f'{split}_labels']}: expected {images.shape[0]} labels, got shape {labels.shape}"
+            )
+    train_x, test_x = (_to_unit(arrays[f"{s}_images"], 255.0) for s in ("train", "test"))
+    if with_labels:
+        train_y, test_y = (torch.from_numpy(arrays[f"{s}_labels"].astype(np.int64)) for s in ("train", "test"))
+        return train_x, train_y, test_x, test_y
+    return train_x, test_x
+
+
+def _to_unit(images: np.ndarray, top: float) -> Tensor:
+    return torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / top)
+
+
+def load_digits(*, test_size: int = 297, seed: int = 0, with_labels: bool = False) -> tuple[Tensor, ...]:
+    """The embedded 8x8 digits as float32 rows in [0, 1]: (1500, 64) and (297, 64) by default.
+
+    The split is a fixed random permutation (from ``seed``), so every chapter
+    sees the same training and test images.
+    """
+    with resources.files("vaelib").joinpath("digits.npz").open("rb") as f:
+        archive = np.load(f)
+        images, labels = archive["images"], archive["labels"]
+    order = np.random.default_rng(seed).permutation(images.shape[0])
+    test, train = order[:test_size], order[test_size:]
+    x = _to_unit(images, 16.0)  # pixel values are 0..16
+    y = torch.from_numpy(labels.astype(np.int64))
+    if with_labels:
+        return x[train], y[train], x[test], y[test]
+    return x[train], x[test]
+
+
+def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Dynamic binarization: each pixel becomes 1 with probability equal to its intensity.
+
+    .. math::  \\tilde x_j \\sim \\mathrm{Bernoulli}(x_j)
+
+    A fresh draw every time an image is used (Salakhutdinov and Murray 2008;
+    Burda et al. 2015) avoids over-fitting a single thresholded copy.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1 or not bool(torch.isfinite(x).all())):
+        raise ValueError("x: binarize needs finite values in [0, 1]")
+    return torch.bernoulli(x, generator=generator)

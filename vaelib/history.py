@@ -1,0 +1,74 @@
+"""What :func:`vaelib.fit` records: one row per epoch, and a plot of it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = ["History"]
+
+
+@dataclass
+class History:
+    """Per-epoch training record of :func:`vaelib.fit`.
+
+    Attributes
+    ----------
+    objective : str
+        ``"elbo"`` or ``"iwae"``.
+    k : int
+        Importance samples per data point.
+    epoch : list of int
+        Epoch numbers, from 1.
+    train_bound, valid_bound : list of float
+        Mean bound per data point in nats (higher is better); ``valid_bound``
+        holds ``None`` where no validation data was given.
+    seconds : list of float
+        Wall time of each epoch.
+    interrupted : bool
+        Set when a ``KeyboardInterrupt`` stopped training early.
+    """
+
+    objective: str = "elbo"
+    k: int = 1
+    epoch: list[int] = field(default_factory=list)
+    train_bound: list[float] = field(default_factory=list)
+    valid_bound: list[float | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def append(self, epoch: int, train_bound: float, valid_bound: float | None, seconds: float) -> None:
+        self.epoch.append(epoch)
+        self.train_bound.append(train_bound)
+        self.valid_bound.append(valid_bound)
+        self.seconds.append(seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        return cls(**d)
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """Draw the training (and validation) bound against the epoch."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        label = "ELBO" if self.objective == "elbo" else f"IWAE bound (k={self.k})"
+        ax.plot(self.epoch, self.train_bound, label=f"train {label}")
+        if any(v is not None for v in self.valid_bound):
+            pairs = [(e, v) for e, v in zip(self.epoch, self.valid_bound) if v is not None]
+            ax.plot(*zip(*pairs), label=f"validation {label}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("bound per data point (nats)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        return ax
