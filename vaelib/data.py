@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
 import struct
 import tempfile
@@ -18,6 +20,7 @@ import urllib.request
 import zlib
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -69,64 +72,84 @@ class ChecksumError(ValueError):
     """A file whose decompressed bytes do not have the published SHA-256."""
 
 
-def _decompress(path: Path, max_bytes: int) -> bytes:
-    """Gunzip ``path`` (or read it if it is not gzip), refusing more than ``max_bytes``."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    try:
-        if head == b"\x1f\x8b":
-            with gzip.open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
-        else:
-            data = path.read_bytes()[: max_bytes + 1]
-    except (OSError, EOFError, zlib.error) as err:
-        raise IDXError(f"{path}: not a readable gzip file ({err})") from err
-    if len(data) > max_bytes:
-        raise IDXError(f"{path}: decompresses to more than {max_bytes} bytes; not an MNIST IDX file")
-    return data
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    return stream.read(n) if n > 0 else b""
 
 
-def _parse_idx(data: bytes, source: str) -> np.ndarray:
-    if len(data) < 8:
-        raise IDXError(f"{source}: too short for an IDX header ({len(data)} bytes)")
-    (magic,) = struct.unpack(">I", data[:4])
-    if magic not in _IDX_MAGIC:
-        raise IDXError(f"{source}: wrong magic number {magic} (expected 2049 for labels or 2051 for images)")
-    ndim = _IDX_MAGIC[magic]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{source}: header cut off ({len(data)} bytes, expected {header})")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(shape, dtype=np.int64))
-    # Compare the claimed size with the bytes present before allocating anything.
-    if len(data) - header != expected:
+def _read_bounded(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, ...], int]:
+    """The decompressed bytes of an IDX file, its shape and header size, checked as they are read.
+
+    The header is read and checked first, so a file that claims more than
+    ``max_bytes`` (a billion images, say) is refused before its payload is
+    decompressed or any buffer of the claimed size is allocated.
+    """
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        try:
+            data = _read_exact(stream, 8)
+            if len(data) < 8:
+                raise IDXError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+            (magic,) = struct.unpack(">I", data[:4])
+            if magic not in _IDX_MAGIC:
+                raise IDXError(f"{path}: wrong magic number {magic} (expected 2049 for labels or 2051 for images)")
+            ndim = _IDX_MAGIC[magic]
+            header = 4 + 4 * ndim
+            data += _read_exact(stream, header - 8)
+            if len(data) < header:
+                raise IDXError(f"{path}: header cut off ({len(data)} bytes, expected {header})")
+            shape = struct.unpack(f">{ndim}I", data[4:header])
+            size = math.prod(shape)  # exact Python integers: no overflow
+            if header + size > max_bytes:
+                raise IDXError(
+                    f"{path}: header claims shape {shape} ({size} bytes of data), more than the "
+                    f"{max_bytes} bytes allowed; refused before reading it"
+                )
+            data += _read_exact(stream, size + 1)  # one byte more, to notice trailing data
+        except (OSError, EOFError, zlib.error) as err:
+            raise IDXError(f"{path}: not a readable gzip file ({err})") from err
+    if len(data) != header + size:
+        follows = len(data) - header if len(data) <= header + size else "more"
         raise IDXError(
-            f"{source}: header claims shape {shape} ({expected} bytes of data), "
-            f"but {len(data) - header} bytes follow it (truncated or corrupt)"
+            f"{path}: header claims shape {shape} ({size} bytes of data), "
+            f"but {follows} bytes follow it (truncated or corrupt)"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return data, shape, header
 
 
 def read_idx(path: str | os.PathLike, *, sha256: str | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into a uint8 array.
 
+    The format (LeCun et al., "The MNIST database"): a big-endian header, the
+    magic number 2049 (labels, 1 dimension) or 2051 (images, 3 dimensions),
+    each dimension's size as a 32-bit integer, then one unsigned byte per entry.
+
     Parameters
     ----------
     path : path-like
     sha256 : str, optional
-        Expected SHA-256 of the decompressed bytes; checked before parsing.
+        Expected SHA-256 of the decompressed bytes; checked before the array is built.
     max_bytes : int
-        Refuse files that decompress to more than this.
+        Refuse files that decompress, or whose header claims they decompress,
+        to more than this; the header is checked before the payload is read.
+
+    Returns
+    -------
+    numpy.ndarray of uint8, shape (n,) for labels or (n, rows, cols) for images
 
     Raises
     ------
+    FileNotFoundError
+        If there is no such file.
     IDXError
-        Unreadable gzip, wrong magic number, or a header that disagrees with the data.
+        Unreadable gzip, wrong magic number, a header that disagrees with the
+        data, or a claimed size above ``max_bytes``.
     ChecksumError
         If ``sha256`` is given and does not match.
     """
     path = Path(path)
-    data = _decompress(path, max_bytes)
+    data, shape, header = _read_bounded(path, max_bytes)
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
@@ -134,7 +157,7 @@ def read_idx(path: str | os.PathLike, *, sha256: str | None = None, max_bytes: i
                 f"{path}: SHA-256 of the decompressed bytes is {digest}, expected {sha256}; "
                 "the file is damaged or not the published one (delete it and download again)"
             )
-    return _parse_idx(data, str(path))
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _download(name: str, root: Path, mirrors: tuple[str, ...], sha256: str | None) -> None:
@@ -149,7 +172,7 @@ def _download(name: str, root: Path, mirrors: tuple[str, ...], sha256: str | Non
             read_idx(tmp, sha256=sha256)  # verify before it takes the final name
             os.replace(tmp, root / name)
             return
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, http.client.HTTPException) as err:
             errors.append(f"{mirror}{name}: {err}")
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -191,8 +214,12 @@ def load_mnist(
     if download:
         root.mkdir(parents=True, exist_ok=True)
     arrays = {}
+    if checksums is not None:
+        missing = [name for name in MNIST_FILES.values() if name not in checksums]
+        if missing:
+            raise ValueError(f"checksums: expected a SHA-256 for each of the four files, got none for {missing}")
     for key, name in MNIST_FILES.items():
-        expected = None if checksums is None else checksums.get(name)
+        expected = None if checksums is None else checksums[name]
         if not (root / name).exists():
             if not download:
                 raise FileNotFoundError(f"{root / name}: missing; pass download=True to fetch MNIST")

@@ -65,8 +65,9 @@ class History:
         label = "ELBO" if self.objective == "elbo" else f"IWAE bound (k={self.k})"
         ax.plot(self.epoch, self.train_bound, label=f"train {label}")
         if any(v is not None for v in self.valid_bound):
-            pairs = [(e, v) for e, v in zip(self.epoch, self.valid_bound) if v is not None]
-            ax.plot(*zip(*pairs), label=f"validation {label}")
+            epochs = [e for e, v in zip(self.epoch, self.valid_bound, strict=True) if v is not None]
+            values = [v for v in self.valid_bound if v is not None]
+            ax.plot(epochs, values, label=f"validation {label}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("bound per data point (nats)")
         ax.legend()

@@ -35,7 +35,7 @@ from vaelib._checks import (
     check_positive_int,
 )
 from vaelib._progress import progress_bar, progress_enabled
-from vaelib.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, read_checkpoint
+from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.history import History
 from vaelib.models import VAE
 
@@ -104,26 +104,14 @@ def _mean_bound(vae: VAE, x: Tensor, objective: str, k: int, analytic_kl: bool, 
     return total / x.shape[0]
 
 
-def _write_checkpoint(path: Path, vae: VAE, opt: torch.optim.Optimizer, history: History, settings: dict) -> None:
-    state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
-    model = {
-        "config": vae.config.to_dict() if vae.config is not None else None,
-        "state_dict": state,
-        "dtype": str(next(vae.parameters()).dtype),
-    }
-    atomic_save(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "checkpoint",
-            "model": model,
-            "optimizer": opt.state_dict(),
-            "epoch": len(history),
-            "history": history.to_dict(),
-            "settings": settings,
-        },
-        path,
-    )
+def _all_finite(vae: VAE) -> bool:
+    """Whether every parameter is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in vae.parameters()]).all())
+
+
+def _restore(vae: VAE, opt: torch.optim.Optimizer, snapshot: tuple[dict, dict]) -> None:
+    vae.load_state_dict(snapshot[0])
+    opt.load_state_dict(snapshot[1])
 
 
 def fit(
@@ -174,13 +162,15 @@ def fit(
     seed : int
         Seeds every random choice; a CPU run repeats exactly.
     checkpoint : path-like, optional
-        File written atomically after every epoch.
+        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`):
+        a process killed at any moment leaves the previous epoch's file intact.
     resume : bool
-        Continue from ``checkpoint`` if it exists.
+        Continue from ``checkpoint`` if it exists (from scratch if it does not);
+        the run then ends with the same weights as an uninterrupted one.
     progress : bool, optional
         Show a progress bar; by default only in a terminal or a live notebook.
     callback : callable, optional
-        Called with the :class:`History` after each epoch.
+        Called with the :class:`History` after each epoch (and after the checkpoint is written).
 
     Returns
     -------
@@ -192,8 +182,12 @@ def fit(
     Raises
     ------
     TrainingDiverged
-        If the bound becomes NaN or infinite; the message names the epoch, the
-        model is restored to the previous epoch and the last checkpoint is kept.
+        If the bound or the weights become NaN or infinite; the message names the
+        epoch, the model is restored to the previous epoch and the last checkpoint
+        (which only ever holds finite weights) is kept.
+    vaelib.CheckpointError
+        With ``resume=True``, if the checkpoint is unreadable, was written with
+        other settings, or holds a model of another shape; nothing is changed.
 
     References
     ----------
@@ -228,22 +222,7 @@ def fit(
 
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is not None and path.exists():
-        saved = read_checkpoint(path)
-        if saved.get("kind") != "checkpoint":
-            raise ValueError(f"resume: {path} is a saved model, not a training checkpoint")
-        if saved["settings"] != settings:
-            diff = {
-                key: (saved["settings"].get(key), value)
-                for key, value in settings.items()
-                if saved["settings"].get(key) != value
-            }
-            raise ValueError(f"resume: {path} was written with other settings (saved, now): {diff}")
-        try:
-            vae.load_state_dict(saved["model"]["state_dict"])
-        except RuntimeError as err:
-            raise ValueError(f"resume: the weights in {path} do not fit this model: {err}") from err
-        opt.load_state_dict(saved["optimizer"])
-        history = History.from_dict(saved["history"])
+        history = read_training_checkpoint(path, vae, opt, settings)
 
     show = progress_enabled(progress)
     bar = progress_bar(show, total=epochs, initial=len(history), desc=f"fit {objective} k={k}", unit="epoch")
@@ -251,52 +230,62 @@ def fit(
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             for epoch in range(len(history) + 1, epochs + 1):
-                snapshot = (copy.deepcopy(vae.state_dict()), copy.deepcopy(opt.state_dict()))
+                snapshot = None  # set while the model is part-way through an epoch
                 try:
+                    snapshot = (copy.deepcopy(vae.state_dict()), copy.deepcopy(opt.state_dict()))
                     start = time.perf_counter()
                     torch.manual_seed(_epoch_seed(seed, epoch))
                     vae.train()
                     total = torch.zeros((), device=dev, dtype=dtype)
                     perm = torch.randperm(n, device=dev)
-                    for i in range(0, n, batch_size):
-                        xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
-                        if bernoulli:
-                            xb = torch.bernoulli(xb)
-                        b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
-                        opt.zero_grad(set_to_none=True)
-                        (-b.mean()).backward()
-                        opt.step()
-                        total += b.detach().sum()
+                    try:
+                        for i in range(0, n, batch_size):
+                            xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
+                            if bernoulli:
+                                xb = torch.bernoulli(xb)
+                            b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
+                            opt.zero_grad(set_to_none=True)
+                            (-b.mean()).backward()
+                            opt.step()
+                            total += b.detach().sum()
+                        train_bound = float(total) / n  # the one host sync of the epoch
+                    except ValueError as err:
+                        # The data were checked up front, so a distribution refusing its
+                        # parameters here means the weights blew up part-way through the epoch.
+                        if _all_finite(vae) and "invalid values" not in str(err):
+                            raise
+                        train_bound = math.nan
                     vae.eval()
+                    # A step can break the weights after the last bound of the epoch was taken.
+                    if not math.isfinite(train_bound) or not _all_finite(vae):
+                        _restore(vae, opt, snapshot)
+                        kept = f"; the checkpoint {path} from epoch {len(history)} is kept" if path else ""
+                        raise TrainingDiverged(
+                            f"training diverged in epoch {epoch}: the {objective} bound or the weights became "
+                            f"NaN or infinite (try a smaller lr than {lr}); the model is restored to epoch "
+                            f"{len(history)}{kept}"
+                        )
                     valid_bound = None
                     if valid_x is not None:
                         valid_bound = float(_mean_bound(vae, valid, objective, k, analytic_kl, batch_size))
-                    train_bound = float(total) / n  # the one host sync of the epoch
-                    if not math.isfinite(train_bound):
-                        vae.load_state_dict(snapshot[0])
-                        opt.load_state_dict(snapshot[1])
-                        kept = f"; the checkpoint {path} from epoch {len(history)} is kept" if path else ""
-                        raise TrainingDiverged(
-                            f"training diverged in epoch {epoch}: the {objective} bound became {train_bound} "
-                            f"(try a smaller lr than {lr}); the model is restored to epoch {len(history)}{kept}"
-                        )
+                    history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
+                    snapshot = None  # the epoch is complete
+                    if path is not None:
+                        write_training_checkpoint(path, vae, opt, history, settings)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{history.seconds[-1]:.2f}")
+                    if callback is not None:
+                        callback(history)
                 except KeyboardInterrupt:
-                    vae.load_state_dict(snapshot[0])
-                    opt.load_state_dict(snapshot[1])
+                    if snapshot is not None:
+                        _restore(vae, opt, snapshot)
                     history.interrupted = True
                     warnings.warn(
                         f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}",
                         stacklevel=2,
                     )
                     return history
-                history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
-                if path is not None:
-                    _write_checkpoint(path, vae, opt, history, settings)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{history.seconds[-1]:.2f}")
-                if callback is not None:
-                    callback(history)
     finally:
         if bar is not None:
             bar.close()

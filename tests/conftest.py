@@ -1,0 +1,45 @@
+"""Shared fixtures: every test starts from a fixed seed; exact checks use float64."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import vaelib
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Seed every generator so each test is repeatable on its own."""
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def toy() -> vaelib.LinearGaussian:
+    """A linear-Gaussian model with a 3-d observation and a 2-d latent, in float64."""
+    return vaelib.LinearGaussian.random(x_dim=3, z_dim=2, noise_std=0.5, seed=1)
+
+
+@pytest.fixture
+def toy_data(toy: vaelib.LinearGaussian) -> torch.Tensor:
+    """Five observations drawn from ``toy``."""
+    x, _ = toy.sample(5, generator=torch.Generator().manual_seed(2))
+    return x
+
+
+def gaussian_q(batch: int, z_dim: int, *, seed: int, dtype: torch.dtype = torch.float64):
+    """A random diagonal Gaussian with batch shape (batch,) and event shape (z_dim,)."""
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(batch, z_dim, generator=g, dtype=dtype)
+    scale = 0.3 + torch.rand(batch, z_dim, generator=g, dtype=dtype)
+    return torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1)
+
+
+def within_standard_errors(samples: torch.Tensor, target: torch.Tensor, n_se: float = 4.0) -> bool:
+    """True if the mean of ``samples`` (leading dimension) is within ``n_se`` standard errors of ``target``."""
+    n = samples.shape[0]
+    se = samples.std(dim=0) / n**0.5
+    return bool(((samples.mean(dim=0) - target).abs() <= n_se * se).all())

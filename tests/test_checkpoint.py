@@ -1,0 +1,249 @@
+"""Saving and loading: round trips, atomic writes, and damaged, foreign or unsafe files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vaelib
+from vaelib.checkpoint import CheckpointError, atomic_save, read_checkpoint
+
+X_DIM = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run fastest on one thread, and on a busy machine far faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def digits() -> torch.Tensor:
+    return vaelib.data.load_digits()[0][:300]
+
+
+def tiny(hidden: tuple[int, ...] = (8,), seed: int = 0) -> vaelib.VAE:
+    torch.manual_seed(seed)
+    return vaelib.VAE.mlp(X_DIM, 2, hidden=hidden)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, digits) -> Path:
+    """A training checkpoint of a tiny model after two epochs."""
+    path = tmp_path / "run" / "checkpoint.pt"
+    vaelib.fit(tiny(), digits, epochs=2, checkpoint=path, device="cpu", progress=False)
+    return path
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path):
+    """A saved model comes back with its architecture and exactly its weights."""
+    vae = vaelib.VAE.mlp(X_DIM, 3, hidden=(8, 5), activation="relu", likelihood="gaussian").double()
+    back = vaelib.load(vaelib.save(vae, tmp_path / "sub" / "m.pt"))
+    assert back.config == vae.config and next(back.parameters()).dtype == torch.float64
+    assert same_weights(vae, back)
+
+
+def test_load_a_training_checkpoint(checkpoint, digits):
+    """vaelib.load reads the model out of a checkpoint written by fit."""
+    again = tiny()
+    vaelib.fit(again, digits, epochs=2, device="cpu", progress=False)
+    assert same_weights(vaelib.load(checkpoint), again)
+    assert read_checkpoint(checkpoint)["epoch"] == 2
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file, but the result is readable as open() would make it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = vaelib.save(tiny(), tmp_path / "m.pt")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    """A save that fails part-way leaves the previous file intact and no temporary file."""
+    path = vaelib.save(tiny(), tmp_path / "m.pt")
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        atomic_save({"not picklable": lambda: None, "weights": torch.ones(1000)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_custom_networks_are_refused_by_save(tmp_path):
+    """A VAE without an MLP config cannot be rebuilt from a file, so save says so up front."""
+    vae = vaelib.VAE(torch.nn.Linear(X_DIM, 4), torch.nn.Linear(2, X_DIM), x_dim=X_DIM, z_dim=2)
+    with pytest.raises(TypeError, match=r"VAE\.mlp"):
+        vaelib.save(vae, tmp_path / "m.pt")
+
+
+# -- damaged files ------------------------------------------------------------------------
+
+
+def damaged_copies(good: Path, folder: Path) -> dict[str, Path]:
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    variants = {
+        "empty": b"",
+        "truncated to 1 byte": data[:1],
+        "truncated to half": data[: len(data) // 2],
+        "one byte short": data[:-1],
+        "random bytes": rng.bytes(len(data)),
+        "text": b'{"format": "vaelib-model"}\n',
+    }
+    paths = {}
+    for name, content in variants.items():
+        paths[name] = folder / (name.replace(" ", "_") + ".pt")
+        paths[name].write_bytes(content)
+    other_zip = folder / "other_zip.pt"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("archive/data.pkl", rng.bytes(200))
+    paths["a zip of noise"] = other_zip
+    return paths
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["empty", "truncated to 1 byte", "truncated to half", "one byte short", "random bytes", "text", "a zip of noise"],
+)
+def test_damaged_checkpoint_is_a_clear_error(checkpoint, tmp_path, name):
+    """Each kind of damage raises CheckpointError naming the file, from load and from resume."""
+    path = damaged_copies(checkpoint, tmp_path)[name]
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: (the file is empty|not a readable checkpoint)"
+    ) as err:
+        vaelib.load(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: "):
+        vaelib.fit(tiny(), torch.rand(10, X_DIM), epochs=3, checkpoint=path, resume=True, progress=False)
+
+
+def test_flipped_bit_in_the_weights_is_caught(checkpoint, tmp_path):
+    """torch's zip reader skips CRC checks; a flipped bit inside a tensor must still be refused."""
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else -1)
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len  # the member's bytes (stored uncompressed)
+    data[start + member.file_size // 2] ^= 0x10
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(bad))}: damaged: the bytes of '{member.filename}' do not match"
+    ):
+        vaelib.load(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        vaelib.load(tmp_path / "absent.pt")
+
+
+# -- foreign files: other models, other settings, other kinds -----------------------------
+
+
+def test_resume_into_a_model_of_another_shape(checkpoint, digits):
+    """Resuming a checkpoint into a differently shaped model names the file and the mismatch; the model is untouched."""
+    other = tiny(hidden=(16,))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(checkpoint))}: the checkpoint's model has another shape: encoder"
+    ):
+        vaelib.fit(other, digits, epochs=3, checkpoint=checkpoint, resume=True, device="cpu", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_resume_with_other_settings(checkpoint, digits):
+    """Different training settings would silently change the run: refused, with the difference shown."""
+    with pytest.raises(CheckpointError, match=r"other training settings \(saved, now\): \{'lr': \(0\.001, 0\.01\)\}"):
+        vaelib.fit(tiny(), digits, epochs=3, lr=0.01, checkpoint=checkpoint, resume=True, progress=False)
+
+
+def test_resume_from_a_saved_model(tmp_path, digits):
+    """A file from vaelib.save is a model, not a checkpoint to resume."""
+    path = vaelib.save(tiny(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="a saved model, not a training checkpoint"):
+        vaelib.fit(tiny(), digits, epochs=1, checkpoint=path, resume=True, progress=False)
+
+
+def test_weights_that_do_not_fit_the_recorded_architecture(checkpoint, tmp_path):
+    """A file whose recorded architecture and weights disagree is refused by load."""
+    obj = read_checkpoint(checkpoint)
+    obj["model"]["config"]["hidden"] = [16]
+    bad = atomic_save(obj, tmp_path / "mixed.pt")
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(bad))}: the weights do not fit the recorded architecture"
+    ):
+        vaelib.load(bad)
+
+
+def test_incomplete_checkpoint_and_other_formats(checkpoint, tmp_path):
+    """Missing parts, another format version, a file without vaelib's header: each named."""
+    obj = read_checkpoint(checkpoint)
+    cases = {
+        "incomplete": ({k: v for k, v in obj.items() if k != "optimizer"}, "incomplete training checkpoint"),
+        "version": ({**obj, "format_version": 99}, "format version 99 is not supported"),
+        "foreign": ({"weights": torch.ones(3)}, "not a vaelib file"),
+    }
+    for name, (content, message) in cases.items():
+        path = atomic_save(content, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            vaelib.load(path)
+
+
+# -- unsafe files -------------------------------------------------------------------------
+
+
+class _Payload:
+    """Creates a marker file when unpickled: stands for any code a crafted file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path):
+    """A checkpoint that would run code when unpickled is refused by name, and the code never runs."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "vaelib-model", "format_version": 1, "kind": "model", "x": _Payload(marker)}, path)
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: refused to load: .*builtins\.open.* could run code"
+    ):
+        vaelib.load(path)
+    assert not marker.exists()
+    # Control: the file really is dangerous to an unguarded loader.
+    torch.load(path, weights_only=False)["x"].close()
+    assert marker.exists()
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    """A bare pickle (not torch's zip format) is refused before any unpickling."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="not a PyTorch zip archive"):
+        vaelib.load(path)
+    assert not marker.exists()
+    pickle.loads(path.read_bytes()).close()  # control: it does run code when unpickled
+    assert marker.exists()

@@ -1,0 +1,320 @@
+"""The command line: train a VAE into a folder, resume it, evaluate it.
+
+::
+
+    vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/x
+    vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/x --resume
+    vaelib evaluate runs/x --k 5000
+
+``python -m vaelib`` is the same program. ``train`` writes into ``--out``:
+``run.json`` (the options, first), ``checkpoint.pt`` after every epoch (atomically,
+see :func:`vaelib.checkpoint.atomic_save`), then ``metrics.json`` (history,
+options, test bound, test log-likelihood) and ``samples.png``. Errors print one
+line to standard error and exit with status 2; an interrupted run exits with
+status 130 and continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vaelib._checks import LIKELIHOODS, OBJECTIVES
+from vaelib._progress import progress_enabled
+from vaelib.checkpoint import atomic_write, load
+from vaelib.data import load_digits, load_mnist
+from vaelib.evaluate import log_likelihood
+from vaelib.history import History
+from vaelib.models import ACTIVATIONS, VAE
+from vaelib.train import TrainingDiverged, bound, fit, resolve_device
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+RUN, CHECKPOINT, METRICS, SAMPLES = "run.json", "checkpoint.pt", "metrics.json", "samples.png"
+# Options that must be the same when a run is resumed, and the flag that sets each.
+_FIXED = {
+    "data": "--data",
+    "z_dim": "--z-dim",
+    "hidden": "--hidden",
+    "activation": "--activation",
+    "likelihood": "--likelihood",
+    "objective": "--objective",
+    "k": "--k",
+    "analytic_kl": "--analytic-kl",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "seed": "--seed",
+}
+
+EPILOG = """examples:
+  vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5
+  vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5 --resume
+  vaelib train --data mnist --root data/mnist --download --z-dim 50 --out runs/mnist
+  vaelib evaluate runs/iwae5 --k 5000
+
+errors print one line and exit with status 2; an interrupted run exits with 130."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:  # required options, flags
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vaelib`` argument parser, with its ``train`` and ``evaluate`` commands."""
+    parser = _Parser(prog="vaelib", description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_Formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    t = commands.add_parser(
+        "train",
+        help="train a VAE, checkpointing every epoch",
+        description="Train a fully connected VAE (VAE.mlp) with Adam on a bound. Writes into --out:\n"
+        "run.json (the options), checkpoint.pt (after every epoch), then metrics.json and samples.png.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    t.add_argument("--out", required=True, metavar="DIR", help="folder for the run's files (created if needed)")
+    t.add_argument(
+        "--data", choices=("digits", "mnist"), default="digits", help="data set: the embedded 8x8 digits or MNIST"
+    )
+    t.add_argument("--root", metavar="DIR", help="folder of the four MNIST IDX files (needed with --data mnist)")
+    t.add_argument("--download", action="store_true", help="fetch missing MNIST files (each checked by SHA-256)")
+    t.add_argument("--objective", choices=OBJECTIVES, default="elbo", help="bound to maximize")
+    t.add_argument("--k", type=_int_at_least(1), default=1, help="importance samples per data point in training")
+    t.add_argument("--analytic-kl", action="store_true", help="closed-form KL term (with --objective elbo only)")
+    t.add_argument("--epochs", type=_int_at_least(0), default=50, help="total passes over the training data")
+    t.add_argument("--batch-size", type=_int_at_least(1), default=100, help="data points per gradient step")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    t.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the initial weights and every epoch")
+    t.add_argument("--z-dim", type=_int_at_least(1), default=10, help="latent dimension")
+    t.add_argument("--hidden", type=_int_at_least(1), nargs="+", default=[200, 200], help="hidden layer sizes")
+    t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden-layer nonlinearity")
+    t.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="family of p(x | z)")
+    t.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
+    t.add_argument("--test-k", type=_int_at_least(1), default=100, help="importance samples for the test log p(x)")
+    t.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt after an interruption")
+    t.set_defaults(func=train)
+    e = commands.add_parser(
+        "evaluate",
+        help="importance-sampled test log-likelihood of a trained run",
+        description="Load RUN/checkpoint.pt and print the importance-sampled log p(x) (Burda et al. 2015,\n"
+        "section 5.1), averaged over the test set of the data the run was trained on.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    e.add_argument("run", metavar="RUN", help="a folder written by 'vaelib train'")
+    e.add_argument("--k", type=_int_at_least(1), default=5000, help="importance samples per test image")
+    e.add_argument("--batch-size", type=_int_at_least(1), help="test images per pass (default: chosen from the device)")
+    e.add_argument("--root", metavar="DIR", help="folder of the MNIST files, if not where the run found them")
+    e.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
+    e.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the importance samples")
+    e.set_defaults(func=evaluate)
+    return parser
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _read_run(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+        if not (isinstance(config, dict) and config.get("format") == "vaelib-run" and "data" in config):
+            raise ValueError("no 'vaelib-run' header")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; is {path.parent} a folder written by 'vaelib train'?") from None
+    except ValueError as err:  # also json.JSONDecodeError
+        raise ValueError(f"{path}: not a run file of 'vaelib train' ({err})") from err
+    return config
+
+
+def _load_data(data: str, root: str | None, download: bool) -> tuple[Tensor, Tensor]:
+    if data == "digits":
+        return load_digits()
+    if root is None:
+        raise ValueError("--root: --data mnist needs the folder of the MNIST files (add --download to fetch them)")
+    return load_mnist(root, download=download)
+
+
+def _test_set(test_x: Tensor, likelihood: str, seed: int) -> Tensor:
+    """Test images as the likelihood scores them: binarized once, from ``seed``, for a Bernoulli decoder."""
+    if likelihood != "bernoulli":
+        return test_x
+    return torch.bernoulli(test_x, generator=torch.Generator().manual_seed(seed))
+
+
+def _epoch_line(epochs: int, label: str) -> Callable[[History], None]:
+    def report(h: History) -> None:
+        print(
+            f"epoch {h.epoch[-1]}/{epochs}  train {label} {h.train_bound[-1]:.3f} nats  {h.seconds[-1]:.2f} s",
+            flush=True,
+        )
+
+    return report
+
+
+def _draw(vae: VAE, test_x: Tensor, path: Path, seed: int) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed; {path.name} is not drawn", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vaelib.plot import samples_and_reconstructions
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fig = samples_and_reconstructions(vae, test_x)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+def train(args: argparse.Namespace) -> int:
+    """``vaelib train``: see :func:`build_parser` for the options."""
+    out = Path(args.out)
+    checkpoint = out / CHECKPOINT
+    if args.analytic_kl and args.objective != "elbo":
+        raise ValueError("--analytic-kl: the closed-form KL applies to --objective elbo only")
+    if checkpoint.exists() and not args.resume:
+        raise ValueError(
+            f"{out} already holds a run ({checkpoint}); add --resume to continue it or choose another --out"
+        )
+    device = resolve_device(args.device)
+    train_x, test_x = _load_data(args.data, args.root, args.download)
+    root = str(Path(args.root).resolve()) if args.root else None
+    config = {"format": "vaelib-run", "x_dim": train_x.shape[1], "root": root, "epochs": args.epochs}
+    config |= {key: getattr(args, key) for key in _FIXED}
+    if args.resume and (out / RUN).exists():
+        saved = _read_run(out / RUN)
+        changed = [
+            f"{flag} {saved.get(key)} then, {config[key]} now"
+            for key, flag in _FIXED.items()
+            if saved.get(key) != config[key]
+        ]
+        if changed:
+            raise ValueError(f"--resume: {out} was trained with other options ({'; '.join(changed)})")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT, RUN, METRICS, SAMPLES):  # left by a process killed while writing
+        for stale in out.glob(f".{name}.*tmp"):
+            stale.unlink(missing_ok=True)
+    _write_json(out / RUN, config)
+    torch.manual_seed(args.seed)
+    vae = VAE.mlp(train_x.shape[1], args.z_dim, tuple(args.hidden), args.activation, args.likelihood)
+    label = "ELBO" if args.objective == "elbo" else f"IWAE (k={args.k})"
+    show_bar = sys.stdout.isatty() and progress_enabled(None)
+    options = {
+        key: getattr(args, key) for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed")
+    }
+    options |= {"device": device, "checkpoint": checkpoint, "resume": args.resume, "progress": show_bar}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fit: interrupted")  # said below, in one line
+        history = fit(vae, train_x, **options, callback=None if show_bar else _epoch_line(args.epochs, label))
+    if history.interrupted:
+        print(f"vaelib train: interrupted after epoch {len(history)}; add --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    test = _test_set(test_x, args.likelihood, args.seed).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(args.seed)
+        test_bound = torch.cat([bound(vae, xb, args.objective, args.k, args.analytic_kl) for xb in test.split(1000)])
+        ll = log_likelihood(vae, test, k=args.test_k, progress=show_bar).double().cpu()
+    metrics = {
+        "settings": config,
+        "history": history.to_dict(),
+        "test_bound": {"objective": args.objective, "k": args.k, "nats": float(test_bound.mean())},
+        "test_log_likelihood": {"k": args.test_k, "nats": float(ll.mean()), "standard_error": _se(ll)},
+        "n_test": test.shape[0],
+    }
+    _write_json(out / METRICS, metrics)
+    drawn = _draw(vae, test_x, out / SAMPLES, args.seed)
+    print(
+        f"test {label} {metrics['test_bound']['nats']:.3f} nats; test log p(x) {float(ll.mean()):.3f} nats "
+        f"(k={args.test_k}); wrote {out / METRICS}{' and ' + str(out / SAMPLES) if drawn else ''}"
+    )
+    return 0
+
+
+def _se(values: Tensor) -> float:
+    return float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.nan
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``vaelib evaluate``: print the importance-sampled test log-likelihood of a run."""
+    run = Path(args.run)
+    checkpoint = run / CHECKPOINT
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint; is {run} a folder written by 'vaelib train'?")
+    config = _read_run(run / RUN)
+    device = resolve_device(args.device)
+    vae = load(checkpoint, device=device)
+    _, test_x = _load_data(config["data"], args.root or config.get("root"), download=False)
+    if test_x.shape[1] != vae.x_dim:
+        raise ValueError(f"{checkpoint}: a model of {vae.x_dim} pixels, but {config['data']} has {test_x.shape[1]}")
+    test = _test_set(test_x, vae.likelihood, int(config.get("seed", 0)))
+    show_bar = sys.stdout.isatty() and progress_enabled(None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        ll = log_likelihood(vae, test, k=args.k, batch_size=args.batch_size, progress=show_bar).double().cpu()
+    print(
+        f"test log-likelihood: {float(ll.mean()):.4f} nats per image "
+        f"(k={args.k}, {ll.numel()} test images of {config['data']}, standard error {_se(ll):.4f})"
+    )
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"vaelib {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, TrainingDiverged) as err:  # CheckpointError and IDXError are ValueErrors
+        print(f"vaelib {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
