@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import data
+from vaelib import anomaly, data, plot
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -27,6 +27,7 @@ __all__ = [
     "TrainingDiverged",
     "__version__",
     "active_units",
+    "anomaly",
     "as_multivariate_normal",
     "data",
     "default_device",
@@ -39,5 +40,6 @@ __all__ = [
     "load",
     "log_likelihood",
     "log_weights",
+    "plot",
     "save",
 ]

@@ -16,7 +16,7 @@ __all__ = ["image_grid", "samples_and_reconstructions", "show_images"]
 
 
 def image_grid(images: Tensor, *, ncol: int | None = None, pad: int = 1) -> Tensor:
-    """Tile flattened square images ``(n, side * side)`` into one ``(H, W)`` array in [0, 1]."""
+    """Tile flattened square images ``(n, side * side)`` into one ``(H, W)`` array in [0, 1], padded with 0."""
     images = images.detach().float().cpu()
     n, d = images.shape
     side = math.isqrt(d)
@@ -24,7 +24,7 @@ def image_grid(images: Tensor, *, ncol: int | None = None, pad: int = 1) -> Tens
         raise ValueError(f"images: expected square images flattened to side*side pixels, got {d} pixels")
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
-    grid = torch.ones(nrow * (side + pad) + pad, ncol * (side + pad) + pad)
+    grid = torch.zeros(nrow * (side + pad) + pad, ncol * (side + pad) + pad)
     for i, img in enumerate(images.clamp(0, 1).reshape(n, side, side)):
         r, c = divmod(i, ncol)
         top, left = pad + r * (side + pad), pad + c * (side + pad)
