@@ -41,20 +41,8 @@ __all__ = ["build_parser", "main"]
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 RUN, CHECKPOINT, METRICS, SAMPLES = "run.json", "checkpoint.pt", "metrics.json", "samples.png"
-# Options that must be the same when a run is resumed, and the flag that sets each.
-_FIXED = {
-    "data": "--data",
-    "z_dim": "--z-dim",
-    "hidden": "--hidden",
-    "activation": "--activation",
-    "likelihood": "--likelihood",
-    "objective": "--objective",
-    "k": "--k",
-    "analytic_kl": "--analytic-kl",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "seed": "--seed",
-}
+# Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES).
+_FIXED = "data z_dim hidden activation likelihood objective k analytic_kl batch_size lr seed".split()
 
 EPILOG = """examples:
   vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5
@@ -229,8 +217,8 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and (out / RUN).exists():
         saved = _read_run(out / RUN)
         changed = [
-            f"{flag} {saved.get(key)} then, {config[key]} now"
-            for key, flag in _FIXED.items()
+            f"--{key.replace('_', '-')} {saved.get(key)} then, {config[key]} now"
+            for key in _FIXED
             if saved.get(key) != config[key]
         ]
         if changed:

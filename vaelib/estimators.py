@@ -108,22 +108,42 @@ def gradient_samples(
     estimator: str,
     n: int,
     k: int = 1,
+    batched: bool = False,
 ) -> Tensor:
     """``n`` independent gradient estimates of the summed ELBO with respect to ``q_params``.
 
     Parameters
     ----------
+    x : Tensor, shape (batch, x_dim)
     q_params : list of Tensor
-        Leaf tensors with ``requires_grad=True`` that parameterize ``q``.
+        Leaf tensors with ``requires_grad=True`` that parameterize ``q``, each
+        with the data's batch dimension first, shape ``(batch, ...)``.
     make_q : callable
         ``make_q(*q_params)`` builds the distribution ``q``.
+    model : LinearGaussian or VAE
+    estimator : {"reparameterization", "score", "analytic_kl"}
+    n : int
+        Number of independent estimates.
+    k : int
+        Samples per estimate.
+    batched : bool
+        Compute all ``n`` estimates in one backward pass by giving each of ``n``
+        copies of the data its own copy of the parameters (much faster for small
+        models); by default, one backward pass per estimate.
 
     Returns
     -------
     Tensor, shape (n, total number of parameters)
-        One flattened gradient per row; ``.var(0)`` is the estimator's variance.
+        One flattened gradient per row, parameters in order; ``.var(0)`` is the
+        estimator's variance.
     """
     check_positive_int(n, "n")
+    if batched:
+        copies = [p.detach().repeat(n, *[1] * (p.dim() - 1)).requires_grad_() for p in q_params]  # (n * batch, ...)
+        xs = x.repeat(n, *[1] * (x.dim() - 1))  # (n * batch, x_dim)
+        value = elbo_surrogate(xs, make_q(*copies), model, k, estimator=estimator).sum()
+        grads = torch.autograd.grad(value, copies)
+        return torch.cat([g.reshape(n, -1) for g in grads], dim=1)  # (n, n_params)
     rows = []
     for _ in range(n):
         value = elbo_surrogate(x, make_q(*q_params), model, k, estimator=estimator).sum()
