@@ -9,14 +9,15 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MATHJAX_VERSION := 3.2.2
-MATHJAX := book/_static/mathjax/tex-chtml.js
+MATHJAX_DIR := book/_static/mathjax
+MATHJAX := $(MATHJAX_DIR)/tex-chtml-full.js
 
 # No progress bars (and so no widget state) in executed notebooks and logs.
 export VAELIB_PROGRESS := 0
 export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install book test lint format unit notebooks site browser clean constraints benchmarks
+.PHONY: help install book test lint format unit notebooks site browser clean constraints benchmarks mathjax
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,17 +31,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create .venv with the pinned environment
 
-$(MATHJAX):  ## MathJax 3 served from the site itself (from the npm registry)
+mathjax: $(MATHJAX)  ## MathJax 3 under book/_static, served from the site itself
+
+# The combined component (every TeX extension, CommonHTML output), its web fonts,
+# and the accessibility code its menu loads on demand; nothing else of the package.
+$(MATHJAX):
 	npm install --silent --no-save --no-audit --no-fund --prefix .cache/mathjax mathjax@$(MATHJAX_VERSION)
-	mkdir -p book/_static/mathjax
-	cp -r .cache/mathjax/node_modules/mathjax/es5/. book/_static/mathjax/
+	rm -rf .cache/mathjax/site $(MATHJAX_DIR)
+	mkdir -p .cache/mathjax/site/output/chtml/fonts $(dir $(MATHJAX_DIR))
+	cd .cache/mathjax/node_modules/mathjax/es5 && cp -r tex-chtml-full.js a11y sre ../../../site/ \
+	  && cp -r output/chtml/fonts/woff-v2 ../../../site/output/chtml/fonts/
+	mv .cache/mathjax/site $(MATHJAX_DIR)
 
 book: $(STAMP) $(MATHJAX)  ## execute the notebooks and build the website into _build/html
 	$(BIN)/jupyter-book build . --keep-going
 	@echo "Open _build/html/index.html"
 
 lint: $(STAMP)  ## ruff (lint and format, notebooks too), nbstripout, whitespace and YAML checks
-	$(BIN)/pre-commit run --all-files --show-diff-on-failure
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

@@ -43,6 +43,7 @@ def install_source(url: str, branch: str) -> str:
 
 
 def install_cell(url: str, branch: str) -> dict:
+    """The install cell as notebook JSON, without outputs (as nbstripout leaves it)."""
     return {
         "cell_type": "code",
         "execution_count": None,
@@ -80,7 +81,12 @@ def write(path: Path, url: str, branch: str) -> bool:
     nb = json.loads(path.read_text())
     cells = [c for c in nb["cells"] if not is_install_cell(c)]
     nb["cells"] = [install_cell(url, branch), *cells]
-    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    if (nb.get("nbformat"), nb.get("nbformat_minor", 0)) >= (4, 5):
+        # Cell ids exist from nbformat 4.5 on; number them as nbstripout does, so the two tools agree.
+        for i, cell in enumerate(nb["cells"]):
+            cell["id"] = str(i)
+    # The layout nbformat and Jupyter write, so that only the cell changes.
+    text = json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     if text == path.read_text():
         return False
     path.write_text(text)

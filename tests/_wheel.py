@@ -2,17 +2,20 @@
 
 Shared by ``test_colab.py`` and ``test_package.py``, which each wrap these in a
 session-scoped fixture; the wheel and the environment are built once per test
-session, in pytest's temporary directory, away from the checkout, so nothing
-from the repository can leak into what they test.
+session, in temporary directories away from the checkout, so nothing from the
+repository can leak into what they test. The environment (about a gigabyte,
+mostly PyTorch) is removed when the test process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -104,13 +107,11 @@ def reader_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel and the notebook packages; return its python."""
     if "python" not in _cache:
         wheel = build_wheel(tmp_path_factory)
-        env_dir = tmp_path_factory.mktemp("reader") / "venv"
+        env_dir = Path(tempfile.mkdtemp(prefix="vaelib-reader-"))
+        atexit.register(shutil.rmtree, env_dir, ignore_errors=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
         python = env_dir / "bin" / "python"
-        run(
-            [python, "-m", "pip", "install", "--quiet", wheel, *pinned(), "-c", ROOT / "constraints.txt"],
-            cwd=env_dir,
-            timeout=900,
-        )
+        install = [python, "-m", "pip", "install", "--quiet", "--no-compile"]
+        run([*install, wheel, *pinned(), "-c", ROOT / "constraints.txt"], cwd=env_dir, timeout=900)
         _cache["python"] = python
     return _cache["python"]

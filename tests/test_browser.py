@@ -41,7 +41,7 @@ CHROMIUM_ARGS = [
     "--no-proxy-server",
 ]
 # Pages the site generates around the chapters (no source file of their own).
-GENERATED = {"genindex.html", "search.html", "py-modindex.html", "index.html"}
+GENERATED = {"genindex.html", "search.html", "py-modindex.html", "index.html", "prf-prf.html"}
 
 
 def _pages() -> list[str]:

@@ -34,8 +34,8 @@ def roc_curve(s_normal: Tensor, s_anomalous: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns
     -------
-    fpr, tpr : Tensor, shape (n_normal + n_anomalous + 1,)
-        Both start at 0 and end at 1.
+    fpr, tpr : Tensor
+        One entry more than there are scores in all; both start at 0 and end at 1.
     """
     s_normal, s_anomalous = _check_scores(s_normal, s_anomalous)
     order = torch.cat([s_normal, s_anomalous]).argsort(descending=True)

@@ -192,7 +192,7 @@ def _first_line(err: BaseException) -> str:
 def write_training_checkpoint(
     path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, history: History, settings: dict
 ) -> Path:
-    """Write what :func:`vaelib.fit` needs to resume: weights, optimizer state, history, settings."""
+    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer state, history, settings."""
     return atomic_save(
         {
             "format": FORMAT,
@@ -209,7 +209,7 @@ def write_training_checkpoint(
 
 
 def read_training_checkpoint(path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, settings: dict) -> History:
-    """Restore ``vae`` and ``opt`` from a checkpoint of :func:`vaelib.fit` and return its history.
+    """Restore ``vae`` and ``opt`` from a checkpoint of :func:`~vaelib.train.fit` and return its history.
 
     Raises
     ------
@@ -255,7 +255,7 @@ def save(vae: VAE, path: str | os.PathLike) -> Path:
     Parameters
     ----------
     vae : VAE
-        A model built with :meth:`VAE.mlp`.
+        A model built with :meth:`~vaelib.models.VAE.mlp`.
     path : path-like
         Destination file; its folder is created if needed.
     """
@@ -268,7 +268,7 @@ def save(vae: VAE, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VAE:
-    """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`vaelib.fit`.
+    """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.train.fit`.
 
     Raises
     ------

@@ -136,7 +136,7 @@ def fit(
 
     Each step minimizes :math:`-\\frac{1}{B}\\sum_{b} \\mathcal{L}(x_b)` over a batch
     of ``batch_size`` rows, where :math:`\\mathcal{L}` is
-    :meth:`VAE.elbo` (``objective="elbo"``) or :meth:`VAE.iwae` (``"iwae"``).
+    :meth:`~vaelib.models.VAE.elbo` (``objective="elbo"``) or :meth:`~vaelib.models.VAE.iwae` (``"iwae"``).
 
     Parameters
     ----------
@@ -170,11 +170,11 @@ def fit(
     progress : bool, optional
         Show a progress bar; by default only in a terminal or a live notebook.
     callback : callable, optional
-        Called with the :class:`History` after each epoch (and after the checkpoint is written).
+        Called with the :class:`~vaelib.history.History` after each epoch (and after the checkpoint is written).
 
     Returns
     -------
-    History
+    vaelib.history.History
         Per-epoch training bound, validation bound and seconds. After a
         ``KeyboardInterrupt`` it holds the epochs completed, ``interrupted`` is
         set and the model is as it was at the end of the last completed epoch.
@@ -185,7 +185,7 @@ def fit(
         If the bound or the weights become NaN or infinite; the message names the
         epoch, the model is restored to the previous epoch and the last checkpoint
         (which only ever holds finite weights) is kept.
-    vaelib.CheckpointError
+    vaelib.checkpoint.CheckpointError
         With ``resume=True``, if the checkpoint is unreadable, was written with
         other settings, or holds a model of another shape; nothing is changed.
 
