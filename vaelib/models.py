@@ -6,6 +6,10 @@
     p_\\theta(x \\mid z) = \\text{Bernoulli or Gaussian}(\\text{decoder}_\\theta(z)), \\quad
     q_\\phi(z \\mid x) = \\mathcal{N}\\big(\\mu_\\phi(x), \\operatorname{diag} \\sigma^2_\\phi(x)\\big).
 
+The distributions are built with ``validate_args=False``: their argument checks
+read values back to the host, which would stall a GPU on every training step;
+vaelib checks its inputs once, up front, instead.
+
 Reference: Kingma and Welling (2013), "Auto-Encoding Variational Bayes", and
 Kingma and Welling (2019), "An Introduction to Variational Autoencoders".
 """
@@ -135,13 +139,14 @@ class VAE(nn.Module):
     def prior(self) -> Independent:
         """:math:`p(z) = \\mathcal{N}(0, I)`, event shape ``(z_dim,)``."""
         loc = self._prior_loc
-        return Independent(Normal(loc, torch.ones_like(loc)), 1)
+        return Independent(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
 
     def encode(self, x: Tensor) -> Independent:
         """:math:`q_\\phi(z \\mid x)`, a diagonal Gaussian with batch shape ``x.shape[:-1]``."""
         h = self.encoder(x)  # (..., 2 * z_dim)
         loc, raw_scale = h.chunk(2, dim=-1)  # (..., z_dim) each
-        return Independent(Normal(loc, nn.functional.softplus(raw_scale) + 1e-6), 1)
+        scale = nn.functional.softplus(raw_scale) + 1e-6
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
     def decode(self, z: Tensor) -> Independent:
         """:math:`p_\\theta(x \\mid z)`, batch shape ``z.shape[:-1]``, event shape ``(x_dim,)``.
@@ -151,10 +156,10 @@ class VAE(nn.Module):
         """
         h = self.decoder(z)
         if self.likelihood == "bernoulli":
-            return Independent(Bernoulli(logits=h, validate_args=False), 1)
+            return Independent(Bernoulli(logits=h, validate_args=False), 1, validate_args=False)
         loc, raw_scale = h.chunk(2, dim=-1)
         scale = nn.functional.softplus(raw_scale) + MIN_DECODER_SCALE
-        return Independent(Normal(loc, scale), 1)
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
     # -- bounds ---------------------------------------------------------------------
 

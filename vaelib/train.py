@@ -80,6 +80,16 @@ def bound(vae: VAE, x: Tensor, objective: str, k: int, analytic_kl: bool) -> Ten
     return vae.elbo(x, k=k, analytic_kl=analytic_kl)
 
 
+def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel (one kernel for all parameters) where this torch has it."""
+    if dev.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.Adam(vae.parameters(), lr=lr, fused=True)
+        except (RuntimeError, TypeError):  # torch older than 2.4 has no fused Adam on the CPU
+            pass
+    return torch.optim.Adam(vae.parameters(), lr=lr)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Distinct, reproducible seeds per epoch; the constant is a large prime.
     return (seed * 1_000_003 + epoch) % (2**63)
@@ -216,7 +226,7 @@ def fit(
         if bernoulli:
             g = torch.Generator(device=dev).manual_seed(seed)
             valid = torch.bernoulli(valid, generator=g)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr, fused=dev.type == "cuda")
+    opt = _adam(vae, lr, dev)
     settings = _settings(objective, k, analytic_kl, batch_size, lr, seed)
     history = History(objective=objective, k=k)
 
