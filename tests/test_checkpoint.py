@@ -19,15 +19,6 @@ from vaelib.checkpoint import CheckpointError, atomic_save, read_checkpoint
 X_DIM = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread, and on a busy machine far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def digits() -> torch.Tensor:
     return vaelib.data.load_digits()[0][:300]

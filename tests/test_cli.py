@@ -20,15 +20,6 @@ from vaelib.cli import build_parser, main
 TINY = ["--hidden", "8", "--z-dim", "2", "--epochs", "2", "--test-k", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread, and on a busy machine far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(argv: list[str]) -> int:
     """The exit status of ``vaelib ARGV``, run in this process (argparse exits through SystemExit)."""
     try:

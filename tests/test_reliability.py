@@ -29,15 +29,6 @@ from vaelib.checkpoint import read_checkpoint
 X_DIM = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread, and on a busy machine far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
     return vaelib.data.load_digits()[0][:300]
