@@ -248,23 +248,16 @@ def fit(
                     vae.train()
                     total = torch.zeros((), device=dev, dtype=dtype)
                     perm = torch.randperm(n, device=dev)
-                    try:
-                        for i in range(0, n, batch_size):
-                            xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
-                            if bernoulli:
-                                xb = torch.bernoulli(xb)
-                            b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
-                            opt.zero_grad(set_to_none=True)
-                            (-b.mean()).backward()
-                            opt.step()
-                            total += b.detach().sum()
-                        train_bound = float(total) / n  # the one host sync of the epoch
-                    except ValueError as err:
-                        # The data were checked up front, so a distribution refusing its
-                        # parameters here means the weights blew up part-way through the epoch.
-                        if _all_finite(vae) and "invalid values" not in str(err):
-                            raise
-                        train_bound = math.nan
+                    for i in range(0, n, batch_size):
+                        xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
+                        if bernoulli:
+                            xb = torch.bernoulli(xb)
+                        b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
+                        opt.zero_grad(set_to_none=True)
+                        (-b.mean()).backward()
+                        opt.step()
+                        total += b.detach().sum()
+                    train_bound = float(total) / n  # the one host sync of the epoch
                     vae.eval()
                     # A step can break the weights after the last bound of the epoch was taken.
                     if not math.isfinite(train_bound) or not _all_finite(vae):
