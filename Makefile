@@ -54,7 +54,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 unit: $(STAMP)  ## the unit tests
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -p no:cacheprovider
 
 notebooks: $(STAMP)  ## execute every notebook with nbval
 	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax book/
@@ -64,7 +64,7 @@ site: $(STAMP) $(MATHJAX)  ## build the website from a clean _build, warnings as
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
 browser: $(STAMP)  ## open every page of the built site in headless Chromium
-	$(BIN)/pytest -q -m browser tests/test_browser.py
+	$(BIN)/pytest -q -p no:cacheprovider -m browser tests/test_browser.py
 
 test: lint unit notebooks site browser  ## everything CI runs
 
