@@ -119,15 +119,26 @@ def command(benchmark: str, argv: list[str]) -> str:
     return " ".join(words)
 
 
-def write(record: dict[str, Any], name: str, device: torch.device, out: str | os.PathLike | None = None) -> Path:
-    """Write ``record`` as ``<out>/<name>-<device-slug>.json`` and return the path."""
+def write(
+    benchmark: str,
+    figures: dict[str, Any],
+    device: torch.device,
+    *,
+    name: str | None = None,
+    out: str | os.PathLike | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Write :func:`header` plus ``figures`` as ``<out>/<name>-<device-slug>.json``.
+
+    ``name`` defaults to ``benchmark``. Returns the record and the path.
+    """
+    record = {**header(benchmark, device), **figures}
     folder = Path(out) if out is not None else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{device_slug(device)}.json"
+    path = folder / f"{name or benchmark}-{device_slug(device)}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
-    return path
+    return record, path
 
 
 def synchronize(device: torch.device) -> None:

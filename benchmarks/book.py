@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = run(toc=toc, timeout=args.timeout, kernel=args.kernel)
     # Notebooks pick their device with vaelib.default_device(); so does the record.
     device = default_device()
-    record = {**_record.header("book", device), **figures}
-    path = _record.write(record, "book", device, args.out)
+    record, path = _record.write("book", figures, device, out=args.out)
     print(
         f"book ({record['device_name']}): {figures['executed']} notebooks in {figures['total_seconds']:.1f} s, "
         f"slowest {figures['slowest']}, {len(figures['failed'])} failed, {len(figures['missing'])} missing; "

@@ -417,8 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             }
         )
     plan = schedule(stages)
-    record = {
-        **_record.header("iwae_table", device),
+    figures = {
         "smoke": args.smoke,
         "data": "digits (smoke)" if args.smoke else "mnist",
         "train_images": train_x.shape[0],
@@ -433,9 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "train_seconds_total": round(run_state["train_wall_seconds"], 1),
         "rows": rows,
     }
-    out = args.out
-    name = "iwae_table"
-    path = _record.write(record, name + ("-smoke" if args.smoke else ""), device, out)
+    name = "iwae_table-smoke" if args.smoke else "iwae_table"
+    record, path = _record.write("iwae_table", figures, device, name=name, out=args.out)
     path.with_suffix(".md").write_text(markdown(record))
     summary = ", ".join(f"{r['objective']} k={r['k']} {r['test_nll']:.2f}" for r in rows)
     seconds = record["train_seconds_total"]

@@ -188,9 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     dev = resolve_device(args.device)
-    record = {**_record.header("loglik", dev), **figures}
     name = "loglik" if figures["data"] == "mnist" else f"loglik-{figures['data']}"
-    path = _record.write(record, name, dev, args.out)
+    record, path = _record.write("loglik", figures, dev, name=name, out=args.out)
     print(
         f"loglik ({record['device_name']}): {figures['subset']}: {figures['seconds']:.2f} s, "
         f"{figures['samples_per_s']:.3g} samples/s, peak memory {figures['peak_memory_mib']:.0f} MiB "

@@ -243,9 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     dev = resolve_device(args.device)
-    record = {**_record.header("throughput", dev), **figures}
     name = "throughput" if figures["data"] == "mnist" else f"throughput-{figures['data']}"
-    path = _record.write(record, name, dev, args.out)
+    record, path = _record.write("throughput", figures, dev, name=name, out=args.out)
     print(
         f"throughput ({figures['data']}, {record['device_name']}): baseline {figures['baseline_images_per_s']:.0f} "
         f"images/s, vaelib {figures['vaelib_images_per_s']:.0f} images/s, ratio {figures['ratio']:.2f}x, "

@@ -30,7 +30,7 @@ from torch import Tensor
 from vaelib._checks import LIKELIHOODS, OBJECTIVES
 from vaelib._progress import progress_enabled
 from vaelib.checkpoint import atomic_write, load
-from vaelib.data import load_digits, load_mnist
+from vaelib.data import binarize, load_digits, load_mnist
 from vaelib.evaluate import log_likelihood
 from vaelib.history import History
 from vaelib.models import ACTIVATIONS, VAE
@@ -167,7 +167,7 @@ def _test_set(test_x: Tensor, likelihood: str, seed: int) -> Tensor:
     """Test images as the likelihood scores them: binarized once, from ``seed``, for a Bernoulli decoder."""
     if likelihood != "bernoulli":
         return test_x
-    return torch.bernoulli(test_x, generator=torch.Generator().manual_seed(seed))
+    return binarize(test_x, generator=torch.Generator().manual_seed(seed))
 
 
 def _epoch_line(epochs: int, label: str) -> Callable[[History], None]:
