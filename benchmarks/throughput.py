@@ -29,6 +29,7 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vaelib
 from benchmarks import _record
-from vaelib.train import resolve_device
+from vaelib.train import float32_matmul_precision, resolve_device
 
 BATCH_SIZE = 128
 LR = 1e-3
@@ -55,8 +56,15 @@ def load_data(data_dir: str | None, train_size: int | None) -> tuple[str, torch.
     return name, train_x, test_x
 
 
-def train_baseline(vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.device, seed: int) -> dict:
+def train_baseline(
+    vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.device, seed: int, matmul_precision: str
+) -> dict:
     """The usual loop; returns per-epoch wall seconds and training bounds."""
+    with float32_matmul_precision(matmul_precision):
+        return _usual_loop(vae, x, epochs, device, seed)
+
+
+def _usual_loop(vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.device, seed: int) -> dict:
     torch.manual_seed(seed)
     vae.to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=LR)
@@ -80,7 +88,9 @@ def train_baseline(vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.
     return {"seconds": seconds, "train_bound": bounds}
 
 
-def train_vaelib(vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.device, seed: int) -> dict:
+def train_vaelib(
+    vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.device, seed: int, matmul_precision: str
+) -> dict:
     """``vaelib.fit``; epoch times are the wall time between its end-of-epoch callbacks."""
     stamps: list[float] = []
     _record.synchronize(device)
@@ -93,11 +103,20 @@ def train_vaelib(vae: vaelib.VAE, x: torch.Tensor, epochs: int, device: torch.de
         lr=LR,
         device=device,
         seed=seed,
+        matmul_precision=matmul_precision,
         progress=False,
         callback=lambda h: stamps.append(time.perf_counter()),
     )
     seconds = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     return {"seconds": seconds, "train_bound": list(history.train_bound)}
+
+
+# The ways compared: how each trains, and the precision of its float32 matrix products.
+WAYS: dict[str, tuple[Callable[..., dict], str]] = {
+    "baseline": (train_baseline, "highest"),
+    "vaelib": (train_vaelib, "medium"),
+    "vaelib_fp32": (train_vaelib, "highest"),
+}
 
 
 @torch.no_grad()
@@ -133,7 +152,7 @@ def run(
     eval_k: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Train both ways ``repeats`` times and return the record's figures."""
+    """Train every way ``repeats`` times and return the record's figures."""
     if epochs < 2:
         raise ValueError(f"epochs: expected at least 2 (the first is a warm-up and is not timed), got {epochs}")
     if repeats < 1:
@@ -146,37 +165,26 @@ def run(
     test_bin = vaelib.data.binarize(test_x, generator=torch.Generator().manual_seed(seed))
     load_before = _record.load()
 
-    runs: dict[str, list[dict]] = {"baseline": [], "vaelib": []}
-    scores: dict[str, list[torch.Tensor]] = {"baseline": [], "vaelib": []}
-    trainers = {"baseline": train_baseline, "vaelib": train_vaelib}
+    runs: dict[str, list[dict]] = {way: [] for way in WAYS}
+    scores: dict[str, list[torch.Tensor]] = {way: [] for way in WAYS}
+    names = list(WAYS)
     for r in range(repeats):
-        # Alternate which way goes first, so a change in load hits both alike.
-        order = ("baseline", "vaelib") if r % 2 == 0 else ("vaelib", "baseline")
-        for way in order:
+        # Rotate which way goes first, so a change in load hits all alike.
+        for way in names[r % len(names) :] + names[: r % len(names)]:
             vae = copy.deepcopy(initial)
-            result = trainers[way](vae, train_x, epochs, dev, seed + 1 + r)
+            train, precision = WAYS[way]
+            result = train(vae, train_x, epochs, dev, seed + 1 + r, precision)
             runs[way].append(result)
             epochs_s = ", ".join(f"{t:.2f}" for t in result["seconds"])
             print(f"  repeat {r + 1}, {way}: epoch seconds {epochs_s} (the first untimed)", flush=True)
             scores[way].append(heldout_elbo(vae, test_bin, eval_k, seed, dev))
 
     n = train_x.shape[0]
-    base_rate, base_epoch = _timed_rate(runs["baseline"], n)
-    fit_rate, fit_epoch = _timed_rate(runs["vaelib"], n)
-    base_means = [float(s.mean()) for s in scores["baseline"]]
-    fit_means = [float(s.mean()) for s in scores["vaelib"]]
-    # Evaluation noise: the standard error of the per-image paired difference
-    # (the same test images and draws for both), averaged over repeats.
-    diffs = [f - b for f, b in zip(scores["vaelib"], scores["baseline"], strict=True)]
-    eval_se = math.sqrt(sum(float(d.var() / d.numel()) for d in diffs)) / repeats
-    # Run-to-run noise: the spread of each way's held-out bound across repeats.
-    run_se = (
-        math.sqrt((statistics.variance(base_means) + statistics.variance(fit_means)) / repeats)
-        if repeats >= 2
-        else None
-    )
-    noise = math.hypot(eval_se, run_se or 0.0)
-    difference = statistics.fmean(fit_means) - statistics.fmean(base_means)
+    rate = {way: _timed_rate(runs[way], n) for way in WAYS}
+    heldout = {way: [float(s.mean()) for s in scores[way]] for way in WAYS}
+    fp32 = _compare(scores["vaelib_fp32"], scores["baseline"])
+    fast = _compare(scores["vaelib"], scores["baseline"])
+    precision = _compare(scores["vaelib"], scores["vaelib_fp32"])
     return {
         "data": data,
         "model": f"VAE.mlp({x_dim}, {Z_DIM}, hidden={HIDDEN}, activation='relu', likelihood='bernoulli')",
@@ -189,31 +197,65 @@ def run(
         "repeats": repeats,
         "warmup": "the first epoch of every run is not timed",
         "statistic": "median over the timed epochs of all repeats",
-        "baseline_images_per_s": round(base_rate, 1),
-        "vaelib_images_per_s": round(fit_rate, 1),
-        "ratio": round(fit_rate / base_rate, 3),
-        "seconds_per_epoch": round(fit_epoch, 6),
-        "baseline_seconds_per_epoch": round(base_epoch, 6),
-        "per_repeat_ratio": [
-            round(_timed_rate([f], n)[0] / _timed_rate([b], n)[0], 3)
-            for b, f in zip(runs["baseline"], runs["vaelib"], strict=True)
-        ],
-        "baseline_final_bound": round(statistics.fmean(r["train_bound"][-1] for r in runs["baseline"]), 3),
-        "vaelib_final_bound": round(statistics.fmean(r["train_bound"][-1] for r in runs["vaelib"]), 3),
+        "matmul_precision": {way: precision for way, (_, precision) in WAYS.items()},
+        "baseline_images_per_s": round(rate["baseline"][0], 1),
+        "vaelib_images_per_s": round(rate["vaelib"][0], 1),
+        "vaelib_fp32_images_per_s": round(rate["vaelib_fp32"][0], 1),
+        "ratio": round(rate["vaelib"][0] / rate["baseline"][0], 3),
+        "ratio_fp32": round(rate["vaelib_fp32"][0] / rate["baseline"][0], 3),
+        "seconds_per_epoch": round(rate["vaelib"][1], 6),
+        "vaelib_fp32_seconds_per_epoch": round(rate["vaelib_fp32"][1], 6),
+        "baseline_seconds_per_epoch": round(rate["baseline"][1], 6),
+        "per_repeat_ratio": _per_repeat_ratio(runs["vaelib"], runs["baseline"], n),
+        "per_repeat_ratio_fp32": _per_repeat_ratio(runs["vaelib_fp32"], runs["baseline"], n),
+        **{f"{way}_final_bound": round(statistics.fmean(r["train_bound"][-1] for r in runs[way]), 3) for way in WAYS},
         "heldout_elbo_k": eval_k,
-        "baseline_heldout_elbo": [round(v, 3) for v in base_means],
-        "vaelib_heldout_elbo": [round(v, 3) for v in fit_means],
-        "heldout_difference": round(difference, 3),
-        "heldout_noise_se": round(noise, 3),
-        "bounds_agree": abs(difference) <= 3 * noise,
+        **{f"{way}_heldout_elbo": [round(v, 3) for v in heldout[way]] for way in WAYS},
+        "heldout_difference": fast["difference"],
+        "heldout_noise_se": fast["noise_se"],
+        "bounds_agree": fast["agree"],
+        "heldout_difference_fp32": fp32["difference"],
+        "heldout_noise_se_fp32": fp32["noise_se"],
+        "bounds_agree_fp32": fp32["agree"],
+        "precision_heldout_difference": precision["difference"],
+        "precision_heldout_noise_se": precision["noise_se"],
+        "precision_bounds_agree": precision["agree"],
+        "precision_heldout_difference_per_repeat": precision["per_repeat"],
         "bounds_agree_rule": (
-            "|mean held-out ELBO (vaelib) - mean held-out ELBO (baseline)| <= 3 x the standard error of that "
+            "|mean held-out ELBO (one way) - mean held-out ELBO (the other)| <= 3 x the standard error of that "
             "difference (evaluation noise of the paired per-image difference, plus the run-to-run spread "
-            "across repeats when there are at least 2)"
+            "across repeats when there are at least 2); heldout_difference is vaelib - baseline, "
+            "heldout_difference_fp32 vaelib_fp32 - baseline, precision_heldout_difference vaelib - vaelib_fp32"
         ),
         "per_run": runs,
         "load_average_before": load_before,
         "load_average_after": _record.load(),
+    }
+
+
+def _per_repeat_ratio(fast: list[dict], slow: list[dict], n: int) -> list[float]:
+    return [round(_timed_rate([f], n)[0] / _timed_rate([s], n)[0], 3) for f, s in zip(fast, slow, strict=True)]
+
+
+def _compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, Any]:
+    """Mean held-out ELBO of way ``a`` minus way ``b``, its standard error, whether they agree, and per repeat.
+
+    The standard error adds the evaluation noise (the per-image paired difference:
+    the same test images and draws for both, averaged over repeats) and the
+    run-to-run noise (the spread of each way's mean across repeats).
+    """
+    repeats = len(a)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    eval_se = math.sqrt(sum(float(d.var() / d.numel()) for d in diffs)) / repeats
+    means_a, means_b = [float(x.mean()) for x in a], [float(y.mean()) for y in b]
+    run_se = math.sqrt((statistics.variance(means_a) + statistics.variance(means_b)) / repeats) if repeats >= 2 else 0.0
+    noise = math.hypot(eval_se, run_se)
+    difference = statistics.fmean(means_a) - statistics.fmean(means_b)
+    return {
+        "difference": round(difference, 3),
+        "noise_se": round(noise, 3),
+        "agree": abs(difference) <= 3 * noise,
+        "per_repeat": [round(x - y, 3) for x, y in zip(means_a, means_b, strict=True)],
     }
 
 
@@ -245,11 +287,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev = resolve_device(args.device)
     name = "throughput" if figures["data"] == "mnist" else f"throughput-{figures['data']}"
     record, path = _record.write("throughput", figures, dev, name=name, out=args.out)
+    f = figures
     print(
-        f"throughput ({figures['data']}, {record['device_name']}): baseline {figures['baseline_images_per_s']:.0f} "
-        f"images/s, vaelib {figures['vaelib_images_per_s']:.0f} images/s, ratio {figures['ratio']:.2f}x, "
-        f"{figures['seconds_per_epoch']:.3f} s/epoch; held-out ELBO difference {figures['heldout_difference']:+.2f} "
-        f"+- {figures['heldout_noise_se']:.2f} nats -> {path.name}"
+        f"throughput ({f['data']}, {record['device_name']}): baseline {f['baseline_images_per_s']:.0f} images/s, "
+        f"vaelib {f['vaelib_images_per_s']:.0f} images/s, ratio {f['ratio']:.2f}x, {f['seconds_per_epoch']:.3f} "
+        f"s/epoch (float32 products: {f['ratio_fp32']:.2f}x); held-out ELBO difference "
+        f"{f['heldout_difference']:+.2f} +- {f['heldout_noise_se']:.2f} nats "
+        f"(float32: {f['heldout_difference_fp32']:+.2f} +- {f['heldout_noise_se_fp32']:.2f}) -> {path.name}"
     )
     return record
 

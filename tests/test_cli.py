@@ -50,6 +50,7 @@ def test_train_writes_the_run(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["history"]["epoch"] == [1, 2] and metrics["history"]["objective"] == "iwae"
     assert metrics["settings"]["hidden"] == [8] and metrics["settings"]["k"] == 3 and metrics["n_test"] == 297
+    assert metrics["settings"]["matmul_precision"] == "medium"
     assert metrics["test_bound"]["k"] == 3 and math.isfinite(metrics["test_bound"]["nats"])
     ll = metrics["test_log_likelihood"]
     assert ll["k"] == 3 and math.isfinite(ll["nats"]) and ll["standard_error"] > 0

@@ -14,6 +14,8 @@ from torch import Tensor
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 OBJECTIVES = ("elbo", "iwae")
+# torch.set_float32_matmul_precision settings, finest first.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vaelib._checks import LIKELIHOODS, OBJECTIVES
+from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, OBJECTIVES
 from vaelib._progress import progress_enabled
 from vaelib.checkpoint import atomic_write, load
 from vaelib.data import binarize, load_digits, load_mnist
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden-layer nonlinearity")
     t.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="family of p(x | z)")
     t.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
+    t.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="medium",
+        help="float32 matrix products in training: 'medium' allows TF32 (GPU) or bfloat16 (CPU with AMX)",
+    )
     t.add_argument("--test-k", type=_int_at_least(1), default=100, help="importance samples for the test log p(x)")
     t.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt after an interruption")
     t.set_defaults(func=train)
@@ -214,6 +220,7 @@ def train(args: argparse.Namespace) -> int:
     root = str(Path(args.root).resolve()) if args.root else None
     config = {"format": "vaelib-run", "x_dim": train_x.shape[1], "root": root, "epochs": args.epochs}
     config |= {key: getattr(args, key) for key in _FIXED}
+    config["matmul_precision"] = args.matmul_precision  # may change on --resume
     if args.resume and (out / RUN).exists():
         saved = _read_run(out / RUN)
         changed = [
@@ -233,7 +240,8 @@ def train(args: argparse.Namespace) -> int:
     label = "ELBO" if args.objective == "elbo" else f"IWAE (k={args.k})"
     show_bar = sys.stdout.isatty() and progress_enabled(None)
     options = {
-        key: getattr(args, key) for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed")
+        key: getattr(args, key)
+        for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed", "matmul_precision")
     }
     options |= {"device": device, "checkpoint": checkpoint, "resume": args.resume, "progress": show_bar}
     with warnings.catch_warnings():

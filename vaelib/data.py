@@ -32,6 +32,7 @@ __all__ = [
     "MNIST_SHA256",
     "ChecksumError",
     "IDXError",
+    "bernoulli_draw",
     "binarize",
     "load_digits",
     "load_mnist",
@@ -265,13 +266,38 @@ def load_digits(*, test_size: int = 297, seed: int = 0, with_labels: bool = Fals
 def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Dynamic binarization: each pixel becomes 1 with probability equal to its intensity.
 
-    .. math::  \\tilde x_j \\sim \\mathrm{Bernoulli}(x_j)
+    .. math::  \\tilde x_j = \\mathbb{1}[u_j < x_j], \\quad u_j \\sim \\mathcal{U}(0, 1),
+        \\quad\\text{so}\\quad \\tilde x_j \\sim \\mathrm{Bernoulli}(x_j).
 
     A fresh draw every time an image is used (Salakhutdinov and Murray 2008;
     Burda et al. 2015) avoids over-fitting a single thresholded copy.
+
+    Parameters
+    ----------
+    x : Tensor
+        Intensities in [0, 1], any shape.
+    generator : torch.Generator, optional
+        On ``x``'s device; the global generator by default.
+
+    Returns
+    -------
+    Tensor
+        0s and 1s, the shape and dtype of ``x``.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1 or not bool(torch.isfinite(x).all())):
         raise ValueError("x: binarize needs finite values in [0, 1]")
-    return torch.bernoulli(x, generator=generator)
+    return bernoulli_draw(x, generator)
+
+
+def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`binarize` without the checks (no host sync), for a training loop.
+
+    The inverse-CDF draw :math:`\\mathbb{1}[u < p]` with one uniform per entry.
+    It is the same distribution as ``torch.bernoulli(p)`` but not the same
+    stream of draws; on a CPU it is several times faster, because
+    ``torch.bernoulli`` samples entry by entry.
+    """
+    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    return (u < p).to(p.dtype)

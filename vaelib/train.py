@@ -5,7 +5,12 @@ each epoch draws a random permutation on the device and slices batches from
 it (no DataLoader, no per-batch host-to-device copies); Bernoulli data are
 re-binarized per batch (dynamic binarization, Burda et al. 2015, section 5);
 and the host reads the running bound once per epoch, so the device never
-waits for Python between steps.
+waits for Python between steps. The training steps run with float32 matrix
+products at ``matmul_precision="medium"`` unless told otherwise: TF32 tensor
+cores on a GPU, bfloat16 AMX tiles on a recent Intel CPU, a float32 result
+either way (the Monte Carlo noise of a gradient step is far larger than the
+rounding; ``benchmarks/throughput.py`` checks that the trained models score
+the same).
 
 Every epoch seeds the random number generators from ``(seed, epoch)`` inside
 ``torch.random.fork_rng``: a run is repeatable, a resumed run ends exactly
@@ -15,18 +20,20 @@ random state is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from vaelib._checks import (
+    MATMUL_PRECISIONS,
     OBJECTIVES,
     check_choice,
     check_data,
@@ -36,10 +43,11 @@ from vaelib._checks import (
 )
 from vaelib._progress import progress_bar, progress_enabled
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
+from vaelib.data import bernoulli_draw
 from vaelib.history import History
 from vaelib.models import VAE
 
-__all__ = ["TrainingDiverged", "default_device", "fit", "resolve_device"]
+__all__ = ["TrainingDiverged", "default_device", "fit", "float32_matmul_precision", "resolve_device"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -88,6 +96,24 @@ def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
         except (RuntimeError, TypeError):  # torch older than 2.4 has no fused Adam on the CPU
             pass
     return torch.optim.Adam(vae.parameters(), lr=lr)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block with :func:`torch.set_float32_matmul_precision` at ``precision``, then restore it.
+
+    ``"highest"`` computes float32 matrix products in float32; ``"high"`` lets a
+    GPU use TF32 (10 explicit mantissa bits); ``"medium"`` also lets a CPU with
+    bfloat16 units (Intel AMX) use bfloat16 inputs (7 explicit bits) with a
+    float32 accumulator. Hardware without the fast path computes in float32.
+    """
+    check_choice(precision, "matmul_precision", MATMUL_PRECISIONS)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -139,6 +165,7 @@ def fit(
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    matmul_precision: str = "medium",
     progress: bool | None = None,
     callback: Callable[[History], None] | None = None,
 ) -> History:
@@ -177,6 +204,12 @@ def fit(
     resume : bool
         Continue from ``checkpoint`` if it exists (from scratch if it does not);
         the run then ends with the same weights as an uninterrupted one.
+    matmul_precision : {"medium", "high", "highest"}
+        Internal precision of the float32 matrix products in the training steps
+        (see :func:`float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
+        bfloat16 products on a CPU that has fast ones; ``"highest"`` is float32
+        throughout. The validation bound and everything outside ``fit`` keep
+        the caller's setting.
     progress : bool, optional
         Show a progress bar; by default only in a terminal or a live notebook.
     callback : callable, optional
@@ -206,6 +239,7 @@ def fit(
     if not isinstance(vae, VAE):
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
     check_choice(objective, "objective", OBJECTIVES)
+    check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
     k = check_positive_int(k, "k")
     epochs = check_nonnegative_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -225,7 +259,7 @@ def fit(
         valid = valid_x.to(dev, dtype)
         if bernoulli:
             g = torch.Generator(device=dev).manual_seed(seed)
-            valid = torch.bernoulli(valid, generator=g)
+            valid = bernoulli_draw(valid, g)
     opt = _adam(vae, lr, dev)
     settings = _settings(objective, k, analytic_kl, batch_size, lr, seed)
     history = History(objective=objective, k=k)
@@ -248,15 +282,16 @@ def fit(
                     vae.train()
                     total = torch.zeros((), device=dev, dtype=dtype)
                     perm = torch.randperm(n, device=dev)
-                    for i in range(0, n, batch_size):
-                        xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
-                        if bernoulli:
-                            xb = torch.bernoulli(xb)
-                        b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
-                        opt.zero_grad(set_to_none=True)
-                        (-b.mean()).backward()
-                        opt.step()
-                        total += b.detach().sum()
+                    with float32_matmul_precision(matmul_precision):
+                        for i in range(0, n, batch_size):
+                            xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
+                            if bernoulli:
+                                xb = bernoulli_draw(xb)
+                            b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
+                            opt.zero_grad(set_to_none=True)
+                            (-b.mean()).backward()
+                            opt.step()
+                            total += b.detach().sum()
                     train_bound = float(total) / n  # the one host sync of the epoch
                     vae.eval()
                     # A step can break the weights after the last bound of the epoch was taken.
