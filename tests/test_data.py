@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import tempfile
 import tracemalloc
@@ -303,3 +304,37 @@ def test_load_digits():
     assert train_y.shape == (1500,) and test_y.shape == (297,)
     assert float(train_x.min()) >= 0.0 and float(train_x.max()) <= 1.0
     assert torch.equal(data.load_digits()[1], test_x)
+
+
+# -- dynamic binarization -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binarize_draws_bernoulli_pixels(dtype):
+    """Each pixel is 1 with probability equal to its intensity: the frequency over 100,000 draws of
+    every intensity lies within 4 standard errors of it, 0 and 1 stay put, and pixels are independent."""
+    p = torch.tensor([0.0, 0.003, 0.1, 0.25, 0.5, 0.77, 0.999, 1.0], dtype=dtype)
+    n = 100_000
+    x = data.binarize(p.expand(n, -1), generator=torch.Generator().manual_seed(0))  # (n, 8)
+    assert x.dtype == dtype and x.shape == (n, 8)
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    freq = x.double().mean(0)
+    se = (p.double() * (1 - p.double()) / n).sqrt()
+    assert torch.all((freq - p.double()).abs() <= 4 * se), (freq, p)
+    assert freq[0] == 0 and freq[-1] == 1
+    # Neighbouring pixels at p = 0.5 and 0.25: both on with probability 0.125.
+    both = (x[:, 3] * x[:, 4]).double().mean()
+    assert abs(both - 0.125) <= 4 * math.sqrt(0.125 * 0.875 / n)
+
+
+def test_binarize_repeats_with_a_generator_and_refuses_bad_intensities():
+    """The same generator seed gives the same draw; values outside [0, 1] or NaN are refused."""
+    x = torch.rand(50, 64)
+    a = data.binarize(x, generator=torch.Generator().manual_seed(3))
+    b = data.binarize(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, data.binarize(x, generator=torch.Generator().manual_seed(4)))
+    for bad in (x * 2, x - 1, torch.full((2, 2), float("nan"))):
+        with pytest.raises(ValueError, match=r"x: binarize needs finite values in \[0, 1\]"):
+            data.binarize(bad)
+    with pytest.raises(TypeError, match=r"x: expected a torch\.Tensor"):
+        data.binarize(x.numpy())

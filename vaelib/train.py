@@ -5,12 +5,12 @@ each epoch draws a random permutation on the device and slices batches from
 it (no DataLoader, no per-batch host-to-device copies); Bernoulli data are
 re-binarized per batch (dynamic binarization, Burda et al. 2015, section 5);
 and the host reads the running bound once per epoch, so the device never
-waits for Python between steps. The training steps run with float32 matrix
-products at ``matmul_precision="medium"`` unless told otherwise: TF32 tensor
-cores on a GPU, bfloat16 AMX tiles on a recent Intel CPU, a float32 result
-either way (the Monte Carlo noise of a gradient step is far larger than the
-rounding; ``benchmarks/throughput.py`` checks that the trained models score
-the same).
+waits for Python between steps. Unless told otherwise the training steps
+multiply matrices at ``matmul_precision="medium"``: TF32 tensor cores on a
+GPU, bfloat16 AMX tiles on a recent Intel CPU, float32 sums and results
+either way. The Monte Carlo noise of a gradient step is far larger than the
+rounding, and ``benchmarks/throughput.py`` checks that the trained models
+score the same held-out bound as models trained in float32.
 
 Every epoch seeds the random number generators from ``(seed, epoch)`` inside
 ``torch.random.fork_rng``: a run is repeatable, a resumed run ends exactly
@@ -100,12 +100,21 @@ def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
 
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """Run the block with :func:`torch.set_float32_matmul_precision` at ``precision``, then restore it.
+    """Run the block with ``torch.set_float32_matmul_precision`` at ``precision``, then restore it.
 
-    ``"highest"`` computes float32 matrix products in float32; ``"high"`` lets a
-    GPU use TF32 (10 explicit mantissa bits); ``"medium"`` also lets a CPU with
-    bfloat16 units (Intel AMX) use bfloat16 inputs (7 explicit bits) with a
-    float32 accumulator. Hardware without the fast path computes in float32.
+    Parameters
+    ----------
+    precision : {"highest", "high", "medium"}
+        ``"highest"`` computes float32 matrix products in float32 (23 explicit
+        mantissa bits); ``"high"`` lets a GPU round the factors to TF32 (10
+        bits); ``"medium"`` also lets a CPU with bfloat16 units (Intel AMX)
+        round them to bfloat16 (7 bits). Sums and results stay float32, and
+        hardware without the fast path computes in float32.
+
+    References
+    ----------
+    Kalamkar et al. (2019), "A Study of BFLOAT16 for Deep Learning Training";
+    NVIDIA (2020), "NVIDIA A100 Tensor Core GPU Architecture" (TF32).
     """
     check_choice(precision, "matmul_precision", MATMUL_PRECISIONS)
     previous = torch.get_float32_matmul_precision()
@@ -206,7 +215,7 @@ def fit(
         the run then ends with the same weights as an uninterrupted one.
     matmul_precision : {"medium", "high", "highest"}
         Internal precision of the float32 matrix products in the training steps
-        (see :func:`float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
+        (see :func:`~vaelib.train.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
         bfloat16 products on a CPU that has fast ones; ``"highest"`` is float32
         throughout. The validation bound and everything outside ``fit`` keep
         the caller's setting.
