@@ -70,7 +70,10 @@ def test_throughput_tiny(tmp_path):
     expected = {
         "baseline_images_per_s",
         "vaelib_images_per_s",
+        "vaelib_fp32_images_per_s",
         "ratio",
+        "ratio_fp32",
+        "precision_heldout_difference",
         "seconds_per_epoch",
         "baseline_final_bound",
         "vaelib_final_bound",
@@ -81,7 +84,8 @@ def test_throughput_tiny(tmp_path):
     assert HEADER_KEYS | expected <= saved.keys()
     assert saved["benchmark"] == "throughput" and saved["device"] == "cpu" and saved["data"] == "digits"
     assert saved["train_images"] == 256 and saved["steps_per_epoch"] == 2
-    for way in ("baseline", "vaelib"):
+    assert saved["matmul_precision"] == {"baseline": "highest", "vaelib": "medium", "vaelib_fp32": "highest"}
+    for way in ("baseline", "vaelib", "vaelib_fp32"):
         runs = saved["per_run"][way]
         assert len(runs) == 2 and all(len(r["seconds"]) == 2 and len(r["train_bound"]) == 2 for r in runs)
     # The rate comes from the timed (second) epochs only: their median, here the mean of two.
@@ -89,7 +93,11 @@ def test_throughput_tiny(tmp_path):
     assert saved["vaelib_images_per_s"] == pytest.approx(256 / (sum(timed) / 2), rel=1e-3)
     assert saved["seconds_per_epoch"] == pytest.approx(sum(timed) / 2, abs=1e-6)
     assert saved["ratio"] == pytest.approx(saved["vaelib_images_per_s"] / saved["baseline_images_per_s"], rel=1e-2)
-    for key in ("baseline_final_bound", "vaelib_final_bound", "heldout_difference"):
+    assert saved["ratio_fp32"] == pytest.approx(
+        saved["vaelib_fp32_images_per_s"] / saved["baseline_images_per_s"], rel=1e-2
+    )
+    assert len(saved["precision_heldout_difference_per_repeat"]) == 2
+    for key in ("baseline_final_bound", "vaelib_final_bound", "vaelib_fp32_final_bound", "heldout_difference"):
         assert math.isfinite(saved[key])
     assert saved["baseline_final_bound"] < 0 and saved["vaelib_final_bound"] < 0
     assert isinstance(saved["bounds_agree"], bool)
