@@ -129,12 +129,17 @@ def write(
 ) -> tuple[dict[str, Any], Path]:
     """Write :func:`header` plus ``figures`` as ``<out>/<name>-<device-slug>.json``.
 
-    ``name`` defaults to ``benchmark``. Returns the record and the path.
+    ``name`` defaults to ``benchmark``, or ``<benchmark>-<data>`` when the figures
+    were taken on a data set other than MNIST (``figures["data"]``). Returns the
+    record and the path.
     """
+    if name is None:
+        data = figures.get("data", "mnist")
+        name = benchmark if data == "mnist" else f"{benchmark}-{data}"
     record = {**header(benchmark, device), **figures}
     folder = Path(out) if out is not None else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name or benchmark}-{device_slug(device)}.json"
+    path = folder / f"{name}-{device_slug(device)}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)

@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     dev = resolve_device(args.device)
-    name = "loglik" if figures["data"] == "mnist" else f"loglik-{figures['data']}"
-    record, path = _record.write("loglik", figures, dev, name=name, out=args.out)
+    record, path = _record.write("loglik", figures, dev, out=args.out)
     print(
         f"loglik ({record['device_name']}): {figures['subset']}: {figures['seconds']:.2f} s, "
         f"{figures['samples_per_s']:.3g} samples/s, peak memory {figures['peak_memory_mib']:.0f} MiB "

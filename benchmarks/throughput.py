@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     dev = resolve_device(args.device)
-    name = "throughput" if figures["data"] == "mnist" else f"throughput-{figures['data']}"
-    record, path = _record.write("throughput", figures, dev, name=name, out=args.out)
+    record, path = _record.write("throughput", figures, dev, out=args.out)
     f = figures
     print(
         f"throughput ({f['data']}, {record['device_name']}): baseline {f['baseline_images_per_s']:.0f} images/s, "
