@@ -34,7 +34,7 @@ def repository(config_path: Path = ROOT / "_config.yml") -> tuple[str, str]:
 def install_source(url: str, branch: str) -> str:
     """The text of the install cell for ``url`` at ``branch``."""
     return (
-        f"{MARKER} install vaelib from the book's repository (does nothing elsewhere).\n"
+        f"{MARKER} install vaelib from the book's repository (no-op elsewhere).\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
