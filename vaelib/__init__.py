@@ -13,13 +13,14 @@ from vaelib.evaluate import active_units, latent_activity, log_likelihood
 from vaelib.glue import glue
 from vaelib.history import History
 from vaelib.models import VAE, MLPConfig
-from vaelib.toy import LinearGaussian, as_multivariate_normal
+from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, default_device, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "Bimodal",
     "CheckpointError",
     "History",
     "LinearGaussian",
