@@ -10,6 +10,7 @@ from torch import Tensor
 from vaelib._checks import check_data, check_positive_float, check_positive_int
 from vaelib._progress import progress_bar, progress_enabled
 from vaelib.models import VAE
+from vaelib.threads import StepThreads, cpu_threads, matmul_work
 
 __all__ = ["active_units", "latent_activity", "log_likelihood"]
 
@@ -44,7 +45,10 @@ def log_likelihood(
 
     Work is split so memory stays bounded whatever ``k``: ``batch_size``
     data points at a time, and for each batch the ``k`` samples in chunks
-    whose running ``logsumexp`` is merged with ``logaddexp``.
+    whose running ``logsumexp`` is merged with ``logaddexp``. On a CPU the
+    chunks run on one thread or on torch's count, whichever is faster at the
+    moment, unless the caller set the count (see :mod:`vaelib.threads`); the
+    caller's count is restored afterwards.
 
     Parameters
     ----------
@@ -75,18 +79,22 @@ def log_likelihood(
     vae.eval()
     out = []
     bar = progress_bar(progress_enabled(progress), total=x.shape[0], desc=f"log p(x), k={k}", unit="x")
+    # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
+    threads = StepThreads(device, matmul_work(vae, batch_size * chunk))
     try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device, dtype)  # (b, x_dim)
-            q = vae.encode(xb)
-            acc = torch.full((xb.shape[0],), -math.inf, device=device, dtype=dtype)
-            for done in range(0, k, chunk):
-                z = q.sample((min(chunk, k - done),))  # (c, b, z_dim)
-                log_w = vae.log_joint(xb, z) - q.log_prob(z)  # (c, b)
-                acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
-            out.append(acc - math.log(k))
-            if bar is not None:
-                bar.update(xb.shape[0])
+        with threads:
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size].to(device, dtype)  # (b, x_dim)
+                q = vae.encode(xb)
+                acc = torch.full((xb.shape[0],), -math.inf, device=device, dtype=dtype)
+                for done in range(0, k, chunk):
+                    with threads.step():
+                        z = q.sample((min(chunk, k - done),))  # (c, b, z_dim)
+                        log_w = vae.log_joint(xb, z) - q.log_prob(z)  # (c, b)
+                        acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+                out.append(acc - math.log(k))
+                if bar is not None:
+                    bar.update(xb.shape[0])
     finally:
         if bar is not None:
             bar.close()
@@ -108,9 +116,10 @@ def latent_activity(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     """
     x = check_data(x, "x", x_dim=vae.x_dim, likelihood=vae.likelihood)
     device, dtype = _model_device_dtype(vae)
-    means = torch.cat(
-        [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]
-    )  # (n, z_dim)
+    with cpu_threads(device, matmul_work(vae, min(batch_size, x.shape[0]))):
+        means = torch.cat(
+            [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]
+        )  # (n, z_dim)
     return means.var(dim=0, unbiased=False)
 
 

@@ -16,6 +16,11 @@ Every epoch seeds the random number generators from ``(seed, epoch)`` inside
 ``torch.random.fork_rng``: a run is repeatable, a resumed run ends exactly
 where an uninterrupted one does (bitwise on a CPU), and the caller's global
 random state is left untouched.
+
+On a CPU the training steps run on one thread or on torch's thread count,
+whichever is faster at the moment (a second training beside this one makes
+torch's spinning threads slow), unless the caller set the count; the
+caller's count is restored afterwards (see :mod:`vaelib.threads`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoin
 from vaelib.data import bernoulli_draw
 from vaelib.history import History
 from vaelib.models import VAE
+from vaelib.threads import StepThreads, matmul_work
 
 __all__ = ["TrainingDiverged", "default_device", "fit", "float32_matmul_precision", "resolve_device"]
 
@@ -281,7 +287,12 @@ def fit(
     bar = progress_bar(show, total=epochs, initial=len(history), desc=f"fit {objective} k={k}", unit="epoch")
     n = x.shape[0]
     try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        # On a CPU, each step runs on one thread or on torch's count, whichever is faster
+        # now (vaelib.threads); the caller's count is restored on the way out.
+        with (
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+            StepThreads(dev, matmul_work(vae, batch_size * k)) as threads,
+        ):
             for epoch in range(len(history) + 1, epochs + 1):
                 snapshot = None  # set while the model is part-way through an epoch
                 try:
@@ -293,14 +304,15 @@ def fit(
                     perm = torch.randperm(n, device=dev)
                     with float32_matmul_precision(matmul_precision):
                         for i in range(0, n, batch_size):
-                            xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
-                            if bernoulli:
-                                xb = bernoulli_draw(xb)
-                            b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
-                            opt.zero_grad(set_to_none=True)
-                            (-b.mean()).backward()
-                            opt.step()
-                            total += b.detach().sum()
+                            with threads.step():
+                                xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
+                                if bernoulli:
+                                    xb = bernoulli_draw(xb)
+                                b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
+                                opt.zero_grad(set_to_none=True)
+                                (-b.mean()).backward()
+                                opt.step()
+                                total += b.detach().sum()
                     train_bound = float(total) / n  # the one host sync of the epoch
                     vae.eval()
                     # A step can break the weights after the last bound of the epoch was taken.
