@@ -128,3 +128,39 @@ def test_plot_frame_and_interactive(setup, monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     assert interactive(frames) is None
     assert isinstance(frames, GapFrames)
+
+
+def test_jensen_gap_is_the_kl_to_the_posterior(setup):
+    """The Monte Carlo Jensen gap meets the closed-form KL(q || p(z|x)) within 4 standard errors."""
+    toy, x, _ = setup
+    torch.manual_seed(4)
+    posterior = toy.posterior(x)
+    q = Independent(Normal(posterior.mean + 0.3, 1.4 * posterior.stddev), 1)
+    gap, se = vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
+    exact = toy.log_marginal(x) - toy.elbo(x, q)
+    assert gap.shape == (1,) and se.shape == (1,)
+    assert gap > 4 * se and abs(gap - exact) < 4 * se
+
+
+def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
+    """L_1 meets the exact ELBO; L_20 is above it and below log p(x)."""
+    toy, x, _ = setup
+    torch.manual_seed(5)
+    posterior = toy.posterior(x)
+    q = Independent(Normal(posterior.mean - 0.4, 1.2 * posterior.stddev), 1)
+    L1, se1 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
+    L20, se20 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
+    assert abs(L1 - toy.elbo(x, q)[0]) < 4 * se1
+    assert L20 - L1 > 4 * math.hypot(se1, se20)
+    assert L20 < toy.log_marginal(x)[0] + 4 * se20
+
+
+def test_monte_carlo_helpers_argument_errors(setup):
+    toy, x, _ = setup
+    q = toy.posterior(x)
+    with pytest.raises(ValueError, match="n"):
+        vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
+    with pytest.raises(ValueError, match="draws"):
+        vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
+    with pytest.raises(ValueError, match="x"):
+        vaelib.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)

@@ -7,6 +7,24 @@ Jupyter and in Colab. ``__ID__``, ``__DATA__``, ``__SMAX__``, ``__WMAX__``,
 ``__S0__``, ``__W0__`` and ``__ROWS__`` are filled in by ``slider_html``.
 """
 
+from typing import Any
+
+
+def table_rows(frames: Any) -> str:
+    """The table under the figure: one row per quantity, the value filled in by the script."""
+    rows = [
+        ("log p(x), exact", f"{frames.log_px:.3f}"),
+        ("ELBO = L_1, exact", '<span data-value="elbo"></span>'),
+        ("KL(q ‖ p(z))", '<span data-value="kl_prior"></span>'),
+        ("E_q[log p(x|z)] = ELBO + KL(q ‖ p(z))", '<span data-value="reconstruction"></span>'),
+        ("KL(q ‖ p(z|x)) = log p(x) − ELBO (blue bar)", '<span data-value="kl_posterior"></span>'),
+        ("ELBO + KL(q ‖ p(z|x))", '<span data-value="identity"></span>'),
+    ]
+    rows += [(f"L_{k}, Monte Carlo", f'<span data-value="L{k}"></span>') for k in frames.ks]
+    cell = 'style="padding:1px 10px 1px 0"'
+    return "".join(f'<tr><td {cell}>{name}</td><td style="text-align:right">{value}</td></tr>' for name, value in rows)
+
+
 SLIDER_TEMPLATE = """\
 <div id="__ID__" class="vaelib-synthesis" style="max-width:720px;font-family:sans-serif;font-size:13px">
 <script type="application/json" class="frames">__DATA__</script>

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from vaelib._slider import SLIDER_TEMPLATE
-from vaelib.bounds import iwae_from_log_weights
+from vaelib._checks import check_positive_int
+from vaelib._slider import SLIDER_TEMPLATE, table_rows
+from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.toy import LinearGaussian, as_multivariate_normal
 
-__all__ = ["GapFrames", "gap_frames", "interactive", "plot_frame", "slider_html"]
+__all__ = ["GapFrames", "bound_estimate", "gap_frames", "interactive", "jensen_gap", "plot_frame", "slider_html"]
 
 
 @dataclass(frozen=True)
@@ -173,19 +175,97 @@ def gap_frames(
     )
 
 
-def _rows(frames: GapFrames) -> str:
-    """The table under the figure: one row per quantity, the value filled in by the script."""
-    rows = [
-        ("log p(x), exact", f"{frames.log_px:.3f}"),
-        ("ELBO = L_1, exact", '<span data-value="elbo"></span>'),
-        ("KL(q ‖ p(z))", '<span data-value="kl_prior"></span>'),
-        ("E_q[log p(x|z)] = ELBO + KL(q ‖ p(z))", '<span data-value="reconstruction"></span>'),
-        ("KL(q ‖ p(z|x)) = log p(x) − ELBO (blue bar)", '<span data-value="kl_posterior"></span>'),
-        ("ELBO + KL(q ‖ p(z|x))", '<span data-value="identity"></span>'),
-    ]
-    rows += [(f"L_{k}, Monte Carlo", f'<span data-value="L{k}"></span>') for k in frames.ks]
-    cell = 'style="padding:1px 10px 1px 0"'
-    return "".join(f'<tr><td {cell}>{name}</td><td style="text-align:right">{value}</td></tr>' for name, value in rows)
+def jensen_gap(
+    x: Tensor, q: Distribution, log_joint: Callable[[Tensor, Tensor], Tensor], n: int = 400_000
+) -> tuple[Tensor, Tensor]:
+    """Jensen's gap :math:`\\log \\mathbb{E}_q[w] - \\mathbb{E}_q[\\log w]` by Monte Carlo, and its standard error.
+
+    .. math::
+
+        \\widehat{\\Delta} = \\log \\frac{1}{n} \\sum_{i=1}^n w_i - \\frac{1}{n} \\sum_{j=1}^n \\log w'_j,
+        \\qquad w_i, w'_j \\text{ from independent draws of } q,
+
+    which estimates :math:`\\log p(x) - \\mathcal{L}(q) = \\mathrm{KL}(q \\,\\Vert\\, p(z \\mid x))`. The
+    standard error adds the two variances; that of :math:`\\log \\bar w` is, to first order, the
+    variance of :math:`w / \\bar w` over ``n`` (the delta method).
+
+    Parameters
+    ----------
+    x : Tensor, shape (batch, x_dim)
+    q : Distribution
+        Batch shape ``(batch,)``, with ``rsample``.
+    log_joint : callable
+        As for :func:`vaelib.log_weights`.
+    n : int
+        Draws for each of the two averages.
+
+    Returns
+    -------
+    tuple of Tensor, shapes (batch,) and (batch,)
+        The gap and its standard error.
+
+    References
+    ----------
+    Jensen (1906); Burda, Grosse and Salakhutdinov (2015), section 3.
+    """
+    check_positive_int(n, "n")
+    if n < 2:
+        raise ValueError(f"n: expected at least 2 draws, got {n}")
+    log_w = log_weights(x, q, log_joint, n)  # (n, batch)
+    log_w_mean = log_weights(x, q, log_joint, n)  # (n, batch), independent
+    log_mean_w = iwae_from_log_weights(log_w_mean)  # (batch,)
+    se = (log_w.var(0) / n + (log_w_mean - log_mean_w).exp().var(0) / n).sqrt()
+    return log_mean_w - elbo_from_log_weights(log_w), se
+
+
+def bound_estimate(
+    x: Tensor,
+    q: Distribution,
+    log_joint: Callable[[Tensor, Tensor], Tensor],
+    k: int,
+    *,
+    draws: int = 200_000,
+) -> tuple[Tensor, Tensor]:
+    """:math:`\\mathcal{L}_k` as the mean of ``draws // k`` independent estimates, and its standard error.
+
+    .. math::
+
+        \\hat{\\mathcal{L}}_k = \\frac{1}{R} \\sum_{m=1}^{R} \\log \\frac{1}{k} \\sum_{i=1}^{k} w_{mi},
+        \\qquad R = \\lfloor \\text{draws} / k \\rfloor,
+
+    so that every ``k`` costs the same number of weights.
+
+    Parameters
+    ----------
+    x : Tensor, shape (1, x_dim)
+        One observation.
+    q : Distribution
+        Batch shape ``(1,)``, with ``rsample`` and ``expand``.
+    log_joint : callable
+        As for :func:`vaelib.log_weights`.
+    k : int
+        Importance samples per estimate.
+    draws : int
+        Weights in all; at least ``2 * k``.
+
+    Returns
+    -------
+    tuple of Tensor, shapes () and ()
+        The estimate of :math:`\\mathcal{L}_k` and its standard error.
+
+    References
+    ----------
+    Burda, Grosse and Salakhutdinov (2015), eq. (8).
+    """
+    check_positive_int(k, "k")
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2 * k:
+        raise ValueError(f"draws: expected an int >= 2 * k = {2 * k}, got {draws!r}")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected one observation of shape (1, x_dim), got {getattr(x, 'shape', type(x))}")
+    reps = draws // k
+    log_w = log_weights(x.expand(reps, -1), q.expand((reps,)), log_joint, k)  # (k, reps)
+    estimates = iwae_from_log_weights(log_w)  # (reps,)
+    return estimates.mean(), estimates.std() / math.sqrt(reps)
 
 
 def _nearest(values: Tensor, target: float) -> int:
@@ -248,7 +328,7 @@ def slider_html(frames: GapFrames, *, element_id: str = "synthesis-slider") -> s
         "__WMAX__": str(len(frames.widths) - 1),
         "__S0__": str(_nearest(frames.shifts, 1.0)),
         "__W0__": str(_nearest(frames.widths, 1.5)),
-        "__ROWS__": _rows(frames),
+        "__ROWS__": table_rows(frames),
     }
     html = SLIDER_TEMPLATE
     for key, value in fill.items():
