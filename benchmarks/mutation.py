@@ -252,7 +252,7 @@ def execute(path: Path, *, timeout: int, kernel: str | None) -> dict[str, Any]:
     if kernel is not None:
         options["kernel_name"] = kernel
     start = time.perf_counter()
-    status, error, line = "ok", None, None
+    status, error, line, check = "ok", None, None, None
     try:
         NotebookClient(nb, **options).execute()
     except CellTimeoutError as err:
@@ -263,8 +263,12 @@ def execute(path: Path, *, timeout: int, kernel: str | None) -> dict[str, Any]:
         arrows = [x for x in lines if x.lstrip().startswith("---->")]
         # "----> 4 assert ...": drop the arrow and the line number
         line = re.sub(r"^\s*---->\s*\d*\s*", "", arrows[-1]) if arrows else None
+        # the failing cell's source sits between the first two rules of dashes
+        parts = _ANSI.sub("", str(err)).split("------------------")
+        source = parts[1] if len(parts) > 2 else ""
+        check = next((x.strip() for x in source.splitlines() if x.strip().startswith("# Check")), None)
     seconds = round(time.perf_counter() - start, 2)
-    return {"seconds": seconds, "status": status, "error": error, "line": line}
+    return {"seconds": seconds, "status": status, "error": error, "line": line, "check": check}
 
 
 def run_chapters(copy: Path, chapters: list[str], *, timeout: int, kernel: str | None, stop: bool) -> list[dict]:
@@ -357,12 +361,14 @@ def run(
             "caught_by_check": bool(first and (first["error"] or "").startswith("AssertionError")),
             "error": first["error"] if first else None,
             "line": first["line"] if first else None,
+            "check": first["check"] if first else None,
             "failing_chapters": [r["chapter"] for r in rows if r["status"] != "ok"],
             "chapters_run": [{"chapter": r["chapter"], "status": r["status"], "seconds": r["seconds"]} for r in rows],
             "seconds": round(time.perf_counter() - t0, 2),
         }
         results.append(result)
-        verdict = f"caught by {first['chapter']}: {first['line'] or first['error']}" if first else "NOT CAUGHT"
+        where = first["check"] or first["line"] or first["error"] if first else None
+        verdict = f"caught by {first['chapter']}: {where}" if first else "NOT CAUGHT"
         print(f"[{n}/{len(mutations)}] {mutation.name}: {verdict}, {result['seconds']:.0f} s", flush=True)
     figures.update(
         {

@@ -75,6 +75,7 @@ def test_caught_and_uncaught_mutants_are_recorded(tiny, tmp_path, monkeypatch):
     assert caught["name"] == "triple" and caught["caught_by"] == "01_checked" and caught["caught_by_check"]
     assert caught["error"].startswith("AssertionError")
     assert caught["line"] == "assert vaelib.double(3) == 6"
+    assert caught["check"] == "# Check: 3 + 3"
     assert [r["chapter"] for r in caught["chapters_run"]] == ["01_checked"]  # stops at the first failure
     assert uncaught["caught_by"] is None and [r["status"] for r in uncaught["chapters_run"]] == ["ok", "ok"]
     assert saved["total"] == 2 and saved["caught"] == 1 and saved["uncaught"] == ["third"]
