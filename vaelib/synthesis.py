@@ -95,10 +95,12 @@ def gap_frames(
     ----------
     toy : LinearGaussian
         A model with ``z_dim == 1``.
-    x : Tensor, shape (1, x_dim)
-        One observation.
-    shifts, widths : Tensor, shapes (S,) and (W,)
-        Offsets of q's mean and q's scale, in posterior standard deviations; widths positive.
+    x : Tensor
+        One observation, shape ``(1, x_dim)``.
+    shifts : Tensor
+        Offsets :math:`\\delta` of q's mean, in posterior standard deviations, shape ``(S,)``.
+    widths : Tensor
+        q's scales :math:`r`, in posterior standard deviations, shape ``(W,)``; positive.
     ks : tuple of int
         Numbers of importance samples for the bounds :math:`\\mathcal{L}_k`.
     draws : int
@@ -195,7 +197,7 @@ def jensen_gap(
     q : Distribution
         Batch shape ``(batch,)``, with ``rsample``.
     log_joint : callable
-        As for :func:`vaelib.log_weights`.
+        As for :func:`vaelib.bounds.log_weights`.
     n : int
         Draws for each of the two averages.
 
@@ -237,12 +239,12 @@ def bound_estimate(
 
     Parameters
     ----------
-    x : Tensor, shape (1, x_dim)
-        One observation.
+    x : Tensor
+        One observation, shape ``(1, x_dim)``.
     q : Distribution
         Batch shape ``(1,)``, with ``rsample`` and ``expand``.
     log_joint : callable
-        As for :func:`vaelib.log_weights`.
+        As for :func:`vaelib.bounds.log_weights`.
     k : int
         Importance samples per estimate.
     draws : int
