@@ -40,12 +40,15 @@ from torch import Tensor
 from vaelib._checks import (
     MATMUL_PRECISIONS,
     OBJECTIVES,
+    check_bool,
     check_choice,
     check_data,
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
+from vaelib._lock import exclusive
 from vaelib._progress import progress_bar, progress_enabled
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
@@ -180,6 +183,7 @@ def fit(
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     matmul_precision: str = "medium",
     progress: bool | None = None,
     callback: Callable[[History], None] | None = None,
@@ -201,7 +205,7 @@ def fit(
     k : int
         Importance samples per data point.
     analytic_kl : bool
-        For the ELBO, use the closed-form KL to the prior.
+        For the ELBO, use the closed-form KL to the prior (refused with ``objective="iwae"``).
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
@@ -212,13 +216,18 @@ def fit(
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then the CPU.
     seed : int
-        Seeds every random choice; a CPU run repeats exactly.
+        Seeds every random choice (an integer in [0, 2**64 - 1]); a CPU run repeats exactly.
     checkpoint : path-like, optional
-        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`):
-        a process killed at any moment leaves the previous epoch's file intact.
+        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`),
+        and at once if ``epochs`` is 0: a process killed at any moment leaves the previous
+        epoch's file intact. The file is locked for the run (a second process training into
+        it is refused with the first one's pid; a lock left by a dead process is taken over).
     resume : bool
         Continue from ``checkpoint`` if it exists (from scratch if it does not);
         the run then ends with the same weights as an uninterrupted one.
+    overwrite : bool
+        Start afresh and replace an existing ``checkpoint``; without it (or
+        ``resume``), an existing file is refused rather than silently replaced.
     matmul_precision : {"medium", "high", "highest"}
         Internal precision of the float32 matrix products in the training steps
         (see :func:`~vaelib.train.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
@@ -245,7 +254,10 @@ def fit(
         (which only ever holds finite weights) is kept.
     vaelib.checkpoint.CheckpointError
         With ``resume=True``, if the checkpoint is unreadable, was written with
-        other settings, or holds a model of another shape; nothing is changed.
+        other settings or for another architecture, or holds NaN or infinite
+        weights; nothing is changed.
+    vaelib.checkpoint.WriteError
+        If a checkpoint cannot be written (a full disk); the previous one is intact.
 
     References
     ----------
@@ -253,18 +265,40 @@ def fit(
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
+    if not any(p.requires_grad for p in vae.parameters()):
+        raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
     check_choice(objective, "objective", OBJECTIVES)
     check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
     k = check_positive_int(k, "k")
+    check_bool(analytic_kl, "analytic_kl")
+    if analytic_kl and objective != "elbo":
+        raise ValueError(f"analytic_kl: the closed-form KL applies to objective='elbo' only, got {objective!r}")
     epochs = check_nonnegative_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_positive_float(lr, "lr")
+    seed = check_seed(seed, "seed")
+    check_bool(resume, "resume")
+    check_bool(overwrite, "overwrite")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function of the history, got {type(callback).__name__}")
     dev = resolve_device(device)
+    for name, data in (("train_x", train_x), ("valid_x", valid_x)):
+        if isinstance(data, Tensor) and data.requires_grad:
+            raise ValueError(f"{name}: expected data that do not require grad; pass {name}.detach()")
     train_x = check_data(train_x, "train_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
     if valid_x is not None:
         valid_x = check_data(valid_x, "valid_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
-    if resume and checkpoint is None:
+    path = Path(checkpoint) if checkpoint is not None else None
+    if resume and path is None:
         raise ValueError("resume: resume=True needs a checkpoint path to resume from")
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the checkpoint, overwrite=True replaces it; choose one")
+    if path is not None and path.is_dir():
+        raise ValueError(f"checkpoint: {path} is a folder; expected the path of a checkpoint file")
+    if path is not None and path.exists() and not (resume or overwrite):
+        raise ValueError(
+            f"checkpoint: {path} already exists; pass resume=True to continue it or overwrite=True to replace it"
+        )
 
     vae.to(dev)
     dtype = next(vae.parameters()).dtype
@@ -279,9 +313,17 @@ def fit(
     settings = _settings(objective, k, analytic_kl, batch_size, lr, seed)
     history = History(objective=objective, k=k)
 
-    path = Path(checkpoint) if checkpoint is not None else None
-    if resume and path is not None and path.exists():
-        history = read_training_checkpoint(path, vae, opt, settings)
+    lock = contextlib.ExitStack()  # released in the finally clause of the loop
+    try:
+        if path is not None:
+            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+        if resume and path is not None and path.exists():
+            history = read_training_checkpoint(path, vae, opt, settings, epochs=epochs)
+        if path is not None and epochs == 0 and len(history) == 0:
+            write_training_checkpoint(path, vae, opt, history, settings)  # a run of 0 epochs has its file too
+    except BaseException:
+        lock.close()
+        raise
 
     show = progress_enabled(progress)
     bar = progress_bar(show, total=epochs, initial=len(history), desc=f"fit {objective} k={k}", unit="epoch")
@@ -328,17 +370,18 @@ def fit(
                     if valid_x is not None:
                         valid_bound = float(_mean_bound(vae, valid, objective, k, analytic_kl, batch_size))
                     history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
-                    snapshot = None  # the epoch is complete
                     if path is not None:
                         write_training_checkpoint(path, vae, opt, history, settings)
+                    snapshot = None  # the epoch is complete, and on disk
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{history.seconds[-1]:.2f}")
                     if callback is not None:
                         callback(history)
                 except KeyboardInterrupt:
-                    if snapshot is not None:
+                    if snapshot is not None:  # also during the epoch's checkpoint write, which is rolled back
                         _restore(vae, opt, snapshot)
+                        history.truncate(epoch - 1)
                     history.interrupted = True
                     warnings.warn(
                         f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}",
@@ -349,4 +392,5 @@ def fit(
         if bar is not None:
             bar.close()
         vae.eval()
+        lock.close()
     return history
