@@ -26,11 +26,13 @@ import torch
 from vaelib import _archive
 from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
 from vaelib._checks import check_architecture
+from vaelib._lock import RunLocked
 from vaelib.history import History
 from vaelib.models import VAE, MLPConfig
 
 __all__ = [
     "CheckpointError",
+    "RunLocked",
     "WriteError",
     "atomic_save",
     "atomic_write",
