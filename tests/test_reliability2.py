@@ -74,10 +74,13 @@ def run_folder(tmp_path) -> Path:
 
 # -- 1. two runs, one folder ----------------------------------------------------------------
 
-HOLD_LOCK = """
-import sys
-from vaelib._lock import exclusive
-with exclusive(sys.argv[1], "test"):
+# Holds the lock until told to stop; loads vaelib/_lock.py alone, so it starts without importing torch.
+HOLD_LOCK = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_lock", {vaelib._lock.__file__!r})
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+with lock.exclusive(sys.argv[1], "test"):
     print("locked", flush=True)
     sys.stdin.readline()
 """
@@ -212,6 +215,7 @@ def _inflating_copy(good: Path, bad: Path, inflated: int) -> None:
                     f.write(zeros)
 
 
+@pytest.mark.slow
 def test_crafted_checkpoints_are_refused_in_bounded_memory(tmp_path, digits):
     """A recorded architecture of 742 MB or of 10**12 units, and a 256 MB zip bomb, each in a file of
     kilobytes: refused with CheckpointError, and loading them raises the peak memory by under 40 MB."""
@@ -323,6 +327,7 @@ sys.exit(main([*args, "--epochs", "2", "--resume"]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_a_write_the_kernel_refuses_is_one_line_in_the_command_line(tmp_path):
     """With a file size limit (RLIMIT_FSIZE), torch's own writer would fail inside its zip writer
@@ -582,6 +587,7 @@ def test_a_folder_named_like_a_checkpoint(tmp_path, capsys):
     assert "checkpoint.pt: a folder, not a checkpoint file" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="needs POSIX signals")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", 1)], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, signum):
