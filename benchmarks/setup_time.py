@@ -62,7 +62,11 @@ def run_phase(target: str, clone: Path, make_args: list[str], log: Path) -> dict
     result: dict[str, Any] = {"seconds": round(seconds, 1), "status": status}
     text = log.read_text(errors="replace")
     result["log_lines"] = text.count("\n")
-    result["warning_lines"] = sum(1 for line in text.splitlines() if re.search(r"warning", line, re.IGNORECASE))
+    warnings = [line for line in text.splitlines() if re.search(r"warning", line, re.IGNORECASE)]
+    result["warning_lines"] = len(warnings)
+    # The kinds of warning, each once (digits and quoted names folded), so a record shows where they come from.
+    kinds = {re.sub(r"'[^']*'|\d+", "_", w): w for w in warnings}
+    result["warning_kinds"] = [w[:200] for w in list(kinds.values())[:10]]
     if status != 0:
         result["log_tail"] = text.splitlines()[-20:]
     return result

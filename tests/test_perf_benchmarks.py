@@ -100,6 +100,7 @@ def test_setup_time_times_each_part(tmp_path):
     assert saved == record and HEADER_KEYS <= set(saved)
     parts = saved["parts"]
     assert parts["environment"]["status"] == 0 and parts["mathjax"]["warning_lines"] == 1
+    assert parts["mathjax"]["warning_kinds"] == ["WARNING: something"]
     # make's own status is 2 when a recipe fails; the recipe's (3) is in the log
     assert parts["book"]["status"] == 2 and "Error 3" in "\n".join(parts["book"]["log_tail"])
     assert saved["installer_used"] == "pip"  # UV= was passed to make
