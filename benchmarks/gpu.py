@@ -7,8 +7,9 @@ another and each in its own process, everything a GPU figure is wanted for:
    DataLoader loop);
 2. ``loglik``: :mod:`benchmarks.loglik`, ``log_likelihood`` with k = 5000 on
    the 10,000 MNIST test images;
-3. ``book``: the training chapters executed on the device with
-   :func:`benchmarks.book.execute`, each timed (record ``book-training-<device>``);
+3. ``book``: the chapters that train models (6 to 9) executed on the device
+   with :func:`benchmarks.book.execute`, each timed (record
+   ``book-training-<device>``);
 4. ``iwae_table``: :mod:`benchmarks.iwae_table` on a shortened schedule
    (``--iwae-stages``, default 3: 13 passes) for a first comparison with the
    published table.
@@ -46,7 +47,12 @@ from vaelib.train import resolve_device
 
 PARTS = ("throughput", "loglik", "book", "iwae_table")
 SHARES = {"throughput": 0.15, "loglik": 0.10, "book": 0.30, "iwae_table": 0.45}
-TRAINING_CHAPTERS = ("book/06_gradients.ipynb", "book/07_training.ipynb", "book/08_iwae.ipynb")
+TRAINING_CHAPTERS = (
+    "book/06_gradients.ipynb",
+    "book/07_training.ipynb",
+    "book/08_iwae.ipynb",
+    "book/09_applications.ipynb",
+)
 # Headline figures copied from each part's record into the summary.
 HEADLINES = {
     "throughput": ("ratio", "seconds_per_epoch", "vaelib_images_per_s", "baseline_images_per_s", "bounds_agree"),
