@@ -23,7 +23,8 @@ For the book's models the choice does not change the results: one and two
 threads train to the same bits (a test checks it).
 
 The caller's choice wins: if ``torch.set_num_threads`` was called (the count
-differs from the one torch started with) or ``OMP_NUM_THREADS`` or
+differs from the one torch had when vaelib was imported; a count set before
+that import reads as torch's own) or ``OMP_NUM_THREADS`` or
 ``MKL_NUM_THREADS`` is set, vaelib uses that count as it is. Setting
 ``VAELIB_CPU_THREADS=torch`` turns the policy off (torch's count is used
 throughout, as before). The caller's count is restored when a call returns,
