@@ -51,7 +51,8 @@ TRAINING_CHAPTERS = (
     "book/06_gradients.ipynb",
     "book/07_training.ipynb",
     "book/08_iwae.ipynb",
-    "book/09_applications.ipynb",
+    "book/09_tighter_bounds.ipynb",
+    "book/10_applications.ipynb",
 )
 # Headline figures copied from each part's record into the summary.
 HEADLINES = {
