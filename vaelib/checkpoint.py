@@ -190,25 +190,33 @@ def _first_line(err: BaseException) -> str:
 
 
 def write_training_checkpoint(
-    path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, history: History, settings: dict
+    path: str | os.PathLike,
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    history: History,
+    settings: dict,
+    scheduler: Any = None,
 ) -> Path:
-    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer state, history, settings."""
-    return atomic_save(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "checkpoint",
-            "model": model_record(vae),
-            "optimizer": opt.state_dict(),
-            "epoch": len(history),
-            "history": history.to_dict(),
-            "settings": settings,
-        },
-        path,
-    )
+    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer (and scheduler) state,
+    history, settings."""
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "model": model_record(vae),
+        "optimizer": opt.state_dict(),
+        "epoch": len(history),
+        "history": history.to_dict(),
+        "settings": settings,
+    }
+    if scheduler is not None:
+        record["scheduler"] = scheduler.state_dict()
+    return atomic_save(record, path)
 
 
-def read_training_checkpoint(path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, settings: dict) -> History:
+def read_training_checkpoint(
+    path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, settings: dict, scheduler: Any = None
+) -> History:
     """Restore ``vae`` and ``opt`` from a checkpoint of :func:`~vaelib.train.fit` and return its history.
 
     Raises
@@ -240,9 +248,13 @@ def read_training_checkpoint(path: str | os.PathLike, vae: VAE, opt: torch.optim
                 f"{path}: the checkpoint's model has another shape: {name} is {shape} there, "
                 f"{tuple(mine[name].shape)} here"
             )
+    if scheduler is not None and not isinstance(saved.get("scheduler"), dict):
+        raise CheckpointError(f"{path}: the checkpoint holds no learning-rate scheduler state to resume")
     try:
         history = History.from_dict(saved["history"])
         opt.load_state_dict(saved["optimizer"])  # checks its groups before changing anything
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
         vae.load_state_dict(state)  # cannot fail: names and shapes were checked above
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: the checkpoint is damaged: {_first_line(err)}") from err
