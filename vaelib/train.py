@@ -415,13 +415,15 @@ def _all_callbacks(
     patience: int | None,
     restore_best: bool,
 ) -> list[Callback | Callable[[History], object]]:
-    out: list[Callback | Callable[[History], object]] = list(callbacks or [])
-    if callback is not None:
-        out.append(callback)
+    out: list[Callback | Callable[[History], object]] = []
     if patience is not None or restore_best:
+        # first, so that it sees each epoch's weights before any other callback can change them
         out.append(
             EarlyStopping(patience=math.inf if patience is None else patience, restore_best_weights=restore_best)
         )
+    out += list(callbacks or [])
+    if callback is not None:
+        out.append(callback)
     return out
 
 
