@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import torch
 
 from vaelib.history import History
-from vaelib.models import VAE, MLPConfig
+from vaelib.models import VAE, ConvConfig, MLPConfig
 
 __all__ = [
     "CheckpointError",
@@ -170,13 +170,19 @@ def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE
             "build the model yourself and load record['state_dict'] into it"
         )
     try:
-        config = MLPConfig(**{**record["config"], "hidden": tuple(record["config"]["hidden"])})
+        fields = dict(record["config"])
+        if fields.pop("kind", "mlp") == "conv":
+            conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
+            build = lambda: VAE.conv(conv.x_shape, conv.z_dim, conv.channels, conv.likelihood)  # noqa: E731
+        else:
+            mlp = MLPConfig(**{**fields, "hidden": tuple(fields["hidden"])})
+            build = lambda: VAE.mlp(**mlp.to_dict())  # noqa: E731
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: the recorded architecture is invalid: {err}") from err
     dtype = _DTYPES.get(str(record.get("dtype", "torch.float32")))
     if dtype is None:
         raise CheckpointError(f"{path}: unsupported parameter dtype {record.get('dtype')!r}")
-    vae = VAE.mlp(**config.to_dict()).to(dtype)
+    vae = build().to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:

@@ -64,7 +64,7 @@ def log_likelihood(
         On the device and with the dtype of ``x``'s model.
     """
     k = check_positive_int(k, "k")
-    x = check_data(x, "x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+    x = check_data(x, "x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     device, dtype = _model_device_dtype(vae)
     budget = _SAMPLES_PER_PASS.get(device.type, _SAMPLES_PER_PASS_DEFAULT)
     if batch_size is None:
@@ -106,7 +106,7 @@ def latent_activity(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     ----------
     Burda et al. (2015), section 5.2.
     """
-    x = check_data(x, "x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+    x = check_data(x, "x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     device, dtype = _model_device_dtype(vae)
     means = torch.cat(
         [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]

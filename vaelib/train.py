@@ -577,9 +577,9 @@ def fit(
     if patience is not None:
         patience = check_nonnegative_int(patience, "patience")
     dev = resolve_device(device)
-    train_x = check_data(train_x, "train_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+    train_x = check_data(train_x, "train_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     if valid_x is not None:
-        valid_x = check_data(valid_x, "valid_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+        valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     elif restore_best or patience is not None:
         raise ValueError("valid_x: restore_best and patience watch the validation bound; give valid_x")
     if resume and checkpoint is None:
