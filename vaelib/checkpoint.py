@@ -166,8 +166,8 @@ def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE
     """Rebuild a VAE from :func:`model_record` output; errors name ``path``."""
     if not isinstance(record, dict) or record.get("config") is None:
         raise CheckpointError(
-            f"{path}: holds no architecture (a model with custom networks); "
-            "build the model yourself and load record['state_dict'] into it"
+            f"{path}: holds no architecture (a model with networks of your own); "
+            "build the model and pass it: vaelib.load(path, model=vae)"
         )
     try:
         fields = dict(record["config"])
@@ -268,25 +268,58 @@ def read_training_checkpoint(
 
 
 def save(vae: VAE, path: str | os.PathLike) -> Path:
-    """Save a VAE with its architecture, atomically.
+    """Save a VAE, atomically: its weights, and its architecture when vaelib built it.
 
     Parameters
     ----------
     vae : VAE
-        A model built with :meth:`~vaelib.models.VAE.mlp`.
+        A model from :meth:`~vaelib.models.VAE.mlp` or :meth:`~vaelib.models.VAE.conv`,
+        which :func:`load` rebuilds from the file alone, or one with networks of
+        your own, which ``load(path, model=...)`` fills.
     path : path-like
         Destination file; its folder is created if needed.
     """
-    if vae.config is None:
-        raise TypeError(
-            "vae: save() needs a model built with VAE.mlp, whose architecture it can record; "
-            "for custom networks save vae.state_dict() with torch.save instead"
+    if not isinstance(vae, VAE):
+        raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", **model_record(vae)}
+    record["x_shape"] = list(vae.x_shape)  # for the reader's information
+    return atomic_save(record, path)
+
+
+def _load_into(model: torch.nn.Module, record: dict, path: str | os.PathLike) -> None:
+    """Load the record's weights into ``model``, after checking names and shapes; errors name ``path``."""
+    state = record.get("state_dict")
+    mine = model.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the file holds no weights")
+    if set(state) != set(mine):
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model: missing in the file {missing}, not in the model {extra}"
         )
-    return atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", **model_record(vae)}, path)
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.shape != mine[name].shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(
+                f"{path}: the weights do not fit the model: {name} is {shape} in the file, "
+                f"{tuple(mine[name].shape)} in the model"
+            )
+    model.load_state_dict(state)
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VAE:
+def load(path: str | os.PathLike, *, model: VAE | None = None, device: str | torch.device | None = None) -> VAE:
     """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.train.fit`.
+
+    Parameters
+    ----------
+    path : path-like
+    model : VAE, optional
+        A model you built, of the saved architecture: the weights are loaded
+        into it (needed for networks of your own; checked name by name and
+        shape by shape).
+    device : str or torch.device, optional
+        Where to put the model: the CPU for a rebuilt model and the model's own
+        device for ``model`` by default.
 
     Raises
     ------
@@ -294,8 +327,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VAE:
         If there is no such file.
     CheckpointError
         If the file is empty, truncated, corrupt, unsafe to unpickle, not a vaelib
-        file, or its weights do not fit its architecture. The message names the file.
+        file, or its weights do not fit its architecture (or ``model``). The
+        message names the file.
     """
+    if model is not None and not isinstance(model, VAE):
+        raise TypeError(f"model: expected a vaelib.VAE to load the weights into, got {type(model).__name__}")
     obj = read_checkpoint(path)
     record = obj["model"] if obj.get("kind") == "checkpoint" else obj
-    return model_from_record(record, path).to(device)
+    if model is None:
+        vae = model_from_record(record, path)
+        return vae.to(device if device is not None else "cpu")
+    _load_into(model, record, path)
+    return model.to(device) if device is not None else model

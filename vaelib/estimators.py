@@ -36,7 +36,11 @@ ESTIMATORS = ("reparameterization", "score", "analytic_kl")
 
 
 class LatentModel(Protocol):
-    """Anything with a prior over z and a joint density (``LinearGaussian``, ``VAE``)."""
+    """Anything with a prior over z and a joint density (``LinearGaussian``, ``VAE``, your own model).
+
+    The ``"analytic_kl"`` estimator also needs the likelihood :math:`p(x \\mid z)`, as
+    ``decode(z)`` or ``likelihood(z)``, returning a distribution.
+    """
 
     @property
     def prior(self) -> Distribution: ...
@@ -45,9 +49,16 @@ class LatentModel(Protocol):
 
 
 def _likelihood(model: LatentModel, z: Tensor) -> Distribution:
-    if isinstance(model, VAE):
-        return model.decode(z)
-    return model.likelihood(z)  # type: ignore[attr-defined]
+    decode = getattr(model, "decode", None)
+    if isinstance(model, VAE) or callable(decode):
+        return model.decode(z)  # type: ignore[attr-defined]
+    likelihood = getattr(model, "likelihood", None)
+    if not callable(likelihood):
+        raise TypeError(
+            f"model: the analytic_kl estimator needs model.decode(z) or model.likelihood(z), "
+            f"which {type(model).__name__} lacks"
+        )
+    return likelihood(z)
 
 
 def kl(q: Distribution, p: Distribution) -> Tensor:
@@ -73,8 +84,10 @@ def elbo_surrogate(
     x : Tensor, shape (batch, x_dim)
     q : Distribution
         Approximate posterior, batch shape ``(batch,)``, event shape ``(z_dim,)``.
-    model : LinearGaussian or VAE
-        Supplies ``prior``, ``log_joint`` and the likelihood.
+    model : LatentModel
+        Supplies ``prior`` and ``log_joint`` (and, for ``"analytic_kl"``, the
+        likelihood as ``decode(z)`` or ``likelihood(z)``): a ``LinearGaussian``,
+        a ``VAE`` or any model of the same shape.
     k : int
         Samples per data point.
     estimator : {"reparameterization", "score", "analytic_kl"}

@@ -328,9 +328,12 @@ class VAE(nn.Module):
         """:math:`\\log p(z) + \\log p_\\theta(x \\mid z)`; ``z`` (k, batch, z_dim) gives (k, batch)."""
         return self.prior.log_prob(z) + self.decode(z).log_prob(x)
 
-    def log_weights(self, x: Tensor, k: int = 1) -> Tensor:
-        """Log importance weights :math:`\\log p(x, z_i) - \\log q(z_i \\mid x)`, shape (k, batch)."""
-        return log_weights(x, self.encode(x), self.log_joint, k)
+    def log_weights(self, x: Tensor, k: int = 1, *, seed: int | None = None) -> Tensor:
+        """Log importance weights :math:`\\log p(x, z_i) - \\log q(z_i \\mid x)`, shape (k, batch).
+
+        With ``seed``, the samples come from a generator seeded with it (see :func:`~vaelib.bounds.log_weights`).
+        """
+        return log_weights(x, self.encode(x), self.log_joint, k, seed=seed)
 
     def elbo(self, x: Tensor, k: int = 1, analytic_kl: bool = False) -> Tensor:
         """Monte Carlo ELBO averaged over ``k`` samples, shape (batch,).
