@@ -255,3 +255,44 @@ def test_search_finds_a_chapter_word(browser, site_url):
     assert found > 0, "search for Jensen found nothing"
     assert not visit.outside, f"requests that leave loopback: {visit.outside}"
     assert not visit.console, f"console errors: {visit.console}"
+
+
+_SYNTHESIS_STATE = """() => {
+    const root = document.querySelector('.vaelib-synthesis');
+    if (!root) { return null; }
+    const value = name => root.querySelector(`[data-value="${name}"]`).textContent;
+    return {
+        elbo: value('elbo'),
+        kl_posterior: value('kl_posterior'),
+        identity: value('identity'),
+        q: root.querySelector('[data-role="q"]').getAttribute('d'),
+        bounds: root.querySelector('[data-role="bounds"]').getAttribute('d'),
+        sliders: root.querySelectorAll('input[type="range"]').length,
+    };
+}"""
+
+
+def test_synthesis_slider_moves_the_figure(browser, site_url):
+    """On the synthesis chapter, moving q's sliders redraws q and the bounds and changes the ELBO shown,
+    while ELBO + KL(q || p(z|x)) stays log p(x); all offline, with no console errors."""
+    page = "book/05_synthesis.html"
+    if not (SITE / page).is_file():
+        pytest.fail(f"{page} is missing from the built site: run `make site` first")
+    visit = Visit(browser, urljoin(site_url, page))
+    try:
+        before = visit.page.evaluate(_SYNTHESIS_STATE)
+        assert before is not None, "the synthesis figure is not on the page"
+        visit.page.locator('.vaelib-synthesis input[name="shift"]').fill("0")
+        moved_mean = visit.page.evaluate(_SYNTHESIS_STATE)
+        visit.page.locator('.vaelib-synthesis input[name="width"]').fill("0")
+        moved_both = visit.page.evaluate(_SYNTHESIS_STATE)
+    finally:
+        visit.close()
+    assert not visit.outside, f"requests that leave loopback: {visit.outside}"
+    assert not visit.console, f"console errors: {visit.console}"
+    assert before["sliders"] == 2
+    for after in (moved_mean, moved_both):
+        assert after["elbo"] != before["elbo"] and after["q"] != before["q"] and after["bounds"] != before["bounds"]
+        assert float(after["kl_posterior"]) > float(before["kl_posterior"])  # further from the posterior
+        assert after["identity"] == before["identity"]  # log p(x) does not depend on q
+    assert moved_both["q"] != moved_mean["q"] and moved_both["elbo"] != moved_mean["elbo"]

@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, callbacks, data, plot
+from vaelib import anomaly, callbacks, data, plot, synthesis
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -13,13 +13,14 @@ from vaelib.evaluate import active_units, latent_activity, log_likelihood
 from vaelib.glue import glue
 from vaelib.history import History
 from vaelib.models import VAE, MLPConfig
-from vaelib.toy import LinearGaussian, as_multivariate_normal
+from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, default_device, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "Bimodal",
     "CheckpointError",
     "History",
     "LinearGaussian",
@@ -43,4 +44,5 @@ __all__ = [
     "log_weights",
     "plot",
     "save",
+    "synthesis",
 ]

@@ -6,6 +6,7 @@ argument, what was expected and what was received.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 
 import numpy as np
@@ -16,6 +17,11 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 OBJECTIVES = ("elbo", "iwae")
 # torch.set_float32_matmul_precision settings, finest first.
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+# Seeds are what torch.manual_seed takes: integers that fit in 64 bits.
+MAX_SEED = 2**64 - 1
+# The largest fully connected VAE vaelib builds or loads: 2**28 parameters are 1 GiB
+# of float32 weights (3 GiB with Adam's state), far beyond any model of the book.
+MAX_PARAMETERS = 2**28
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -34,6 +40,41 @@ def check_nonnegative_int(value: object, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name}: expected an integer >= 0, got {value}")
     return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not merely truthy), else raise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """Return ``value`` if it is an integer in [0, 2**64 - 1], else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer in [0, 2**64 - 1], got {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name}: expected an integer in [0, 2**64 - 1] (64 bits), got {value}")
+    return int(value)
+
+
+def mlp_parameter_count(x_dim: int, z_dim: int, hidden: tuple[int, ...], likelihood: str) -> int:
+    """Number of parameters of ``VAE.mlp(x_dim, z_dim, hidden, likelihood=likelihood)`` (exact integers)."""
+    out = x_dim if likelihood == "bernoulli" else 2 * x_dim
+    encoder = [x_dim, *hidden, 2 * z_dim]
+    decoder = [z_dim, *reversed(hidden), out]
+    return sum(n_in * n_out + n_out for sizes in (encoder, decoder) for n_in, n_out in itertools.pairwise(sizes))
+
+
+def check_architecture(x_dim: int, z_dim: int, hidden: tuple[int, ...], likelihood: str) -> int:
+    """Return the parameter count of an MLP VAE if it is at most :data:`MAX_PARAMETERS`, else raise."""
+    n = mlp_parameter_count(x_dim, z_dim, hidden, likelihood)
+    if n > MAX_PARAMETERS:
+        raise ValueError(
+            f"hidden, z_dim: x_dim={x_dim}, z_dim={z_dim}, hidden={list(hidden)} make {n:,} parameters, "
+            f"more than the {MAX_PARAMETERS:,} allowed"
+        )
+    return n
 
 
 def check_positive_float(value: object, name: str) -> float:

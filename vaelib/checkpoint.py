@@ -2,35 +2,44 @@
 
 Files are written to a temporary name in the same folder, flushed to disk and
 renamed over the final name, so a crash never leaves a half-written file
-where a good one was. They are read with ``torch.load(weights_only=True)``,
-which refuses pickled code, and every failure names the file and the problem.
+where a good one was, and a failed write (a full disk) says that the previous
+file is intact. Before a file is loaded, the sizes of its archive's members,
+the shapes of its tensors and its recorded architecture are checked against
+one another and against limits, without reading a weight or building a
+model (see ``vaelib._archive``); then it is read with
+``torch.load(weights_only=True)``, which refuses pickled code, and its
+weights must be finite. Every failure names the file and the problem.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 import re
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from vaelib import _archive
+from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
+from vaelib._checks import MAX_PARAMETERS, check_architecture
 from vaelib.history import History
 from vaelib.models import VAE, ConvConfig, MLPConfig
 
 __all__ = [
     "CheckpointError",
+    "WriteError",
     "atomic_save",
     "atomic_write",
     "load",
     "read_checkpoint",
     "read_training_checkpoint",
+    "remove_stale_temporaries",
     "save",
+    "verify_training_checkpoint",
     "write_training_checkpoint",
 ]
 
@@ -44,52 +53,19 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that cannot be used, with the reason."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; POSIX only (Windows cannot open a folder).
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`).
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp gives 0o600
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file with ``write(f)`` to a temporary name beside ``path``, then rename it into place.
-
-    A process killed at any moment leaves either the previous file or the new
-    one under ``path``, never a partial one; a killed write can only leave a
-    hidden ``.NAME.*.tmp`` file beside it. The folder is created if needed.
+    The archive is built in memory and then written, so a failing file system
+    raises :class:`WriteError` rather than an error from inside torch's writer.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
+    def write(f: BinaryIO) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        f.write(buffer.getbuffer())
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, write, what=what)
 
 
 def _load_error(path: Path, err: Exception) -> CheckpointError:
@@ -107,42 +83,25 @@ def _load_error(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {reason}")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a file written by vaelib with ``weights_only=True``; raise ``CheckpointError`` if unusable.
-
-    Raises
-    ------
-    FileNotFoundError
-        If there is no such file.
-    CheckpointError
-        If the file is empty, not a PyTorch zip archive (truncated, corrupt or
-        another kind of file), fails the CRC-32 check of its members, holds
-        pickled objects other than plain data, or lacks vaelib's header. The
-        message names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes); it was probably cut off while being written")
-    # torch.save writes a zip archive: a truncated one has lost its central directory, and
-    # as torch's reader skips the CRC-32 of each member, a flipped bit is caught only here.
+def _inspect(path: Path) -> Any:
+    """The file's object with tensors as shapes (see ``vaelib._archive``), or a CheckpointError."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+        return _archive.inspect(path)
+    except _archive.UnsafeGlobal as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds a Python object ({err.name}) that could run code "
+            "when unpickled; only tensors and plain data saved by vaelib are accepted"
+        ) from None
+    except _archive.ArchiveError as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (crafted, truncated or corrupt): {err}") from None
     except Exception as err:  # BadZipFile, and others for archives broken in odd ways
         raise CheckpointError(
             f"{path}: not a readable checkpoint: not a PyTorch zip archive "
             f"(truncated, corrupt, or another kind of file: {_first_line(err)})"
         ) from err
-    if damaged is not None:
-        raise CheckpointError(f"{path}: damaged: the bytes of {damaged!r} do not match their stored CRC-32 checksum")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the error below says all there is to say
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for damaged or unsafe files
-        raise _load_error(path, err) from err
+
+
+def _check_header(path: Path, obj: Any) -> None:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a vaelib file (no '{FORMAT}' header)")
     if obj.get("format_version") != FORMAT_VERSION:
@@ -152,6 +111,133 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if obj.get("kind") == "checkpoint" and not all(key in obj for key in _CHECKPOINT_KEYS):
         missing = [key for key in _CHECKPOINT_KEYS if key not in obj]
         raise CheckpointError(f"{path}: an incomplete training checkpoint (missing {', '.join(missing)})")
+
+
+def _recorded_config(record: Any, path: Path) -> MLPConfig | ConvConfig | None:
+    """The architecture a model record claims, checked against limits; ``None`` for custom networks."""
+    if not isinstance(record, dict) or record.get("config") is None:
+        return None
+    config = record["config"]
+    try:
+        if isinstance(config, dict) and config.get("kind") == "conv":
+            return _recorded_conv(config)
+        if not isinstance(config, dict) or not isinstance(config.get("hidden"), (list, tuple)):
+            raise TypeError(f"hidden: expected a list of layer sizes, got {config!r:.80}")
+        mlp = MLPConfig(**{**config, "hidden": tuple(config["hidden"])})
+        check_architecture(mlp.x_dim, mlp.z_dim, mlp.hidden, mlp.likelihood)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the recorded architecture is invalid: {err}") from err
+    return mlp
+
+
+def _recorded_conv(config: dict) -> ConvConfig:
+    fields = {key: value for key, value in config.items() if key != "kind"}
+    for key in ("x_shape", "channels"):
+        if not isinstance(fields.get(key), (list, tuple)):
+            raise TypeError(f"{key}: expected a list of sizes, got {fields.get(key)!r:.80}")
+    conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
+    with torch.device("meta"):  # counts parameters without memory
+        n = sum(p.numel() for p in _build(conv).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"channels, x_shape: {conv} makes {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed")
+    return conv
+
+
+def _build(config: MLPConfig | ConvConfig) -> VAE:
+    """A fresh VAE of the recorded architecture."""
+    if isinstance(config, ConvConfig):
+        return VAE.conv(config.x_shape, config.z_dim, config.channels, config.likelihood)  # type: ignore[arg-type]
+    return VAE.mlp(**config.to_dict())
+
+
+def _check_record(record: Any, path: Path) -> None:
+    """Compare a model record's architecture, dtype and tensor shapes before any tensor is read."""
+    config = _recorded_config(record, path)
+    if config is None:
+        return
+    dtype = _DTYPES.get(str(record.get("dtype", "torch.float32")))
+    if dtype is None:
+        raise CheckpointError(f"{path}: unsupported parameter dtype {record.get('dtype')!r}")
+    with torch.device("meta"):  # shapes only: no memory, whatever the architecture claims
+        wanted = {name: t.shape for name, t in _build(config).state_dict().items()}
+    specs = _archive.specs_in(record.get("state_dict"))  # shapes of tensors, or of tensors not yet read
+    if specs is None or set(specs) != set(wanted):
+        raise CheckpointError(f"{path}: the weights do not fit the recorded architecture {config}: other tensor names")
+    for name, spec in specs.items():
+        if spec.shape != tuple(wanted[name]) or spec.dtype != dtype:
+            raise CheckpointError(
+                f"{path}: the weights do not fit the recorded architecture {config}: {name} is "
+                f"{spec.shape} of {spec.dtype} there, {tuple(wanted[name])} of {dtype} by the architecture"
+            )
+
+
+def _nonfinite(tensors: Any) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, if any."""
+    stack = [("", tensors)]
+    while stack:
+        name, obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                return name or "a tensor"
+        elif isinstance(obj, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in obj.items())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(obj))
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a file written by vaelib with ``weights_only=True``; raise ``CheckpointError`` if unusable.
+
+    Before any tensor is read, the zip archive's members must be stored
+    uncompressed and within size limits, each tensor must fit its member, and a
+    recorded architecture must have at most 2**28 parameters
+    and imply exactly the tensors' shapes; so a crafted file is refused in
+    memory bounded by its own size.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    CheckpointError
+        If the path is a folder, the file is empty, not a PyTorch zip archive
+        (truncated, corrupt or another kind of file), has compressed or
+        oversized members, fails the CRC-32 check of its members, holds
+        pickled objects other than plain data, lacks vaelib's header, records
+        an architecture its weights do not fit, or holds NaN or infinite
+        weights. The message names the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); it was probably cut off while being written")
+    shapes = _inspect(path)
+    # torch's reader skips the CRC-32 of each member, so a flipped bit is caught only here.
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()  # reads member by member in small chunks
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged: the bytes of {damaged!r} do not match their stored CRC-32 checksum")
+    _check_header(path, shapes)
+    if shapes.get("kind") == "checkpoint":
+        _check_record(shapes["model"], path)
+    elif shapes.get("kind") == "model":
+        _check_record(shapes, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the error below says all there is to say
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or unsafe files
+        raise _load_error(path, err) from err
+    _check_header(path, obj)
+    bad = _nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
+            "so it cannot be loaded or resumed"
+        )
     return obj
 
 
@@ -159,30 +245,25 @@ def model_record(vae: VAE) -> dict:
     """The architecture and weights of a VAE as plain data (``config`` is ``None`` for custom networks)."""
     state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
     config = vae.config.to_dict() if vae.config is not None else None
-    return {"config": config, "state_dict": state, "dtype": str(next(vae.parameters()).dtype)}
+    return {"config": config, "state_dict": state, "dtype": str(vae._dtype())}
 
 
 def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE:
-    """Rebuild a VAE from :func:`model_record` output; errors name ``path``."""
+    """Rebuild a VAE from :func:`model_record` output; errors name ``path``.
+
+    The recorded architecture is checked against limits and against the
+    shapes of the weights before the model is built.
+    """
     if not isinstance(record, dict) or record.get("config") is None:
         raise CheckpointError(
             f"{path}: holds no architecture (a model with networks of your own); "
             "build the model and pass it: vaelib.load(path, model=vae)"
         )
-    try:
-        fields = dict(record["config"])
-        if fields.pop("kind", "mlp") == "conv":
-            conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
-            build = lambda: VAE.conv(conv.x_shape, conv.z_dim, conv.channels, conv.likelihood)  # noqa: E731
-        else:
-            mlp = MLPConfig(**{**fields, "hidden": tuple(fields["hidden"])})
-            build = lambda: VAE.mlp(**mlp.to_dict())  # noqa: E731
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: the recorded architecture is invalid: {err}") from err
-    dtype = _DTYPES.get(str(record.get("dtype", "torch.float32")))
-    if dtype is None:
-        raise CheckpointError(f"{path}: unsupported parameter dtype {record.get('dtype')!r}")
-    vae = build().to(dtype)
+    _check_record(record, Path(path))  # before anything is built
+    config = _recorded_config(record, Path(path))
+    assert config is not None
+    dtype = _DTYPES[str(record.get("dtype", "torch.float32"))]
+    vae = _build(config).to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:
@@ -220,48 +301,94 @@ def write_training_checkpoint(
     return atomic_save(record, path)
 
 
-def read_training_checkpoint(
-    path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, settings: dict, scheduler: Any = None
-) -> History:
-    """Restore ``vae`` and ``opt`` from a checkpoint of :func:`~vaelib.train.fit` and return its history.
+def verify_training_checkpoint(
+    path: str | os.PathLike, vae: VAE, settings: dict, *, epochs: int | None = None, scheduler: Any = None
+) -> dict:
+    """Check that the checkpoint at ``path`` can resume training ``vae`` with ``settings``; change nothing.
+
+    Returns the checkpoint's contents, for :func:`read_training_checkpoint`.
 
     Raises
     ------
     CheckpointError
         If the file is unusable, is a saved model rather than a checkpoint, was
-        written with other training settings, or its weights do not fit ``vae``.
-        Nothing is changed in that case.
+        written with other training settings, for another architecture
+        (another activation, say, even where the shapes agree) or parameter
+        dtype, or its weights do not fit ``vae``.
+    ValueError
+        If it already holds more than ``epochs`` epochs.
     """
     path = Path(path)
     saved = read_checkpoint(path)
     if saved.get("kind") != "checkpoint":
         raise CheckpointError(f"{path}: a saved model, not a training checkpoint; cannot resume from it")
     if saved["settings"] != settings:
+        keys = sorted(set(settings) | set(saved["settings"]))
         diff = {
-            key: (saved["settings"].get(key), value)
-            for key, value in settings.items()
-            if saved["settings"].get(key) != value
+            key: (saved["settings"].get(key), settings.get(key))
+            for key in keys
+            if saved["settings"].get(key) != settings.get(key)
         }
         raise CheckpointError(f"{path}: written with other training settings (saved, now): {diff}")
-    state = saved["model"].get("state_dict") if isinstance(saved["model"], dict) else None
-    mine = vae.state_dict()
-    if not isinstance(state, dict) or set(state) != set(mine):
+    record = saved["model"] if isinstance(saved["model"], dict) else {}
+    mine = vae.config.to_dict() if vae.config is not None else None
+    theirs = record.get("config")
+    if mine is not None and theirs != mine:
+        diff = (
+            {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if isinstance(theirs, dict)
+            else theirs
+        )
+        raise CheckpointError(f"{path}: written for another architecture (saved, now): {diff}")
+    dtype = str(vae._dtype())
+    if record.get("dtype", dtype) != dtype:
+        raise CheckpointError(f"{path}: written for {record.get('dtype')} parameters, but the model's are {dtype}")
+    state = record.get("state_dict")
+    here = vae.state_dict()
+    if not isinstance(state, dict) or set(state) != set(here):
         raise CheckpointError(f"{path}: the checkpoint holds the weights of another kind of model")
     for name, t in state.items():
-        if not isinstance(t, torch.Tensor) or t.shape != mine[name].shape:
+        if not isinstance(t, torch.Tensor) or t.shape != here[name].shape:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(
                 f"{path}: the checkpoint's model has another shape: {name} is {shape} there, "
-                f"{tuple(mine[name].shape)} here"
+                f"{tuple(here[name].shape)} here"
             )
+    if epochs is not None and isinstance(saved["epoch"], int) and saved["epoch"] > epochs:
+        raise ValueError(
+            f"epochs: {path} already holds {saved['epoch']} epochs, more than the {epochs} asked for; "
+            f"ask for {saved['epoch']} or more to continue it"
+        )
     if scheduler is not None and not isinstance(saved.get("scheduler"), dict):
         raise CheckpointError(f"{path}: the checkpoint holds no learning-rate scheduler state to resume")
+    return saved
+
+
+def read_training_checkpoint(
+    path: str | os.PathLike,
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    settings: dict,
+    *,
+    epochs: int | None = None,
+    scheduler: Any = None,
+) -> History:
+    """Restore ``vae``, ``opt`` (and ``scheduler``) from a checkpoint of :func:`~vaelib.train.fit`;
+    return its history.
+
+    Raises
+    ------
+    CheckpointError, ValueError
+        As :func:`verify_training_checkpoint`. Nothing is changed in that case.
+    """
+    path = Path(path)
+    saved = verify_training_checkpoint(path, vae, settings, epochs=epochs, scheduler=scheduler)
     try:
         history = History.from_dict(saved["history"])
         opt.load_state_dict(saved["optimizer"])  # checks its groups before changing anything
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        vae.load_state_dict(state)  # cannot fail: names and shapes were checked above
+        vae.load_state_dict(saved["model"]["state_dict"])  # cannot fail: names and shapes were checked
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: the checkpoint is damaged: {_first_line(err)}") from err
     return history
@@ -326,16 +453,20 @@ def load(path: str | os.PathLike, *, model: VAE | None = None, device: str | tor
     FileNotFoundError
         If there is no such file.
     CheckpointError
-        If the file is empty, truncated, corrupt, unsafe to unpickle, not a vaelib
-        file, or its weights do not fit its architecture (or ``model``). The
-        message names the file.
+        If the file is empty, truncated, corrupt, crafted, unsafe to unpickle, not
+        a vaelib file, holds NaN or infinite weights, or its weights do not fit
+        its architecture (or ``model``). The message names the file.
+    ValueError
+        If ``device`` is not a device of this machine (checked first).
     """
+    from vaelib.train import resolve_device  # here: vaelib.train imports this module
+
     if model is not None and not isinstance(model, VAE):
         raise TypeError(f"model: expected a vaelib.VAE to load the weights into, got {type(model).__name__}")
+    dev = resolve_device(device) if device is not None else None
     obj = read_checkpoint(path)
     record = obj["model"] if obj.get("kind") == "checkpoint" else obj
     if model is None:
-        vae = model_from_record(record, path)
-        return vae.to(device if device is not None else "cpu")
+        return model_from_record(record, path).to(dev if dev is not None else "cpu")
     _load_into(model, record, path)
-    return model.to(device) if device is not None else model
+    return model.to(dev) if dev is not None else model

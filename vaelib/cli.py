@@ -11,36 +11,45 @@
 see :func:`vaelib.checkpoint.atomic_save`), then ``metrics.json`` (history,
 options, test bound, test log-likelihood) and ``samples.png``. Errors print one
 line to standard error and exit with status 2; an interrupted run exits with
-status 130 and continues with ``--resume``.
+status 130 (Ctrl-C), 143 (SIGTERM, as cluster schedulers send before killing a
+job) or 129 (SIGHUP), keeps the last completed epoch and continues with
+``--resume``. A run holds a lock on its folder: a second ``train`` into the
+same ``--out`` is refused with the first one's pid.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, OBJECTIVES
+from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, OBJECTIVES, check_architecture
+from vaelib._lock import RunLocked, exclusive
 from vaelib._progress import progress_enabled
-from vaelib.checkpoint import atomic_write, load
+from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
 from vaelib.evaluate import log_likelihood
 from vaelib.history import History
 from vaelib.models import ACTIVATIONS, VAE
-from vaelib.train import TrainingDiverged, bound, fit, resolve_device
+from vaelib.train import TrainingDiverged, _settings, bound, fit, resolve_device
 
 __all__ = ["build_parser", "main"]
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 RUN, CHECKPOINT, METRICS, SAMPLES = "run.json", "checkpoint.pt", "metrics.json", "samples.png"
+LOCK = f".{CHECKPOINT}.lock"  # the lock fit takes on the checkpoint, taken first for the whole folder
+X_DIM = {"digits": 64, "mnist": 784}
 # Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES).
 _FIXED = "data z_dim hidden activation likelihood objective k analytic_kl batch_size lr seed".split()
 
@@ -50,7 +59,8 @@ EPILOG = """examples:
   vaelib train --data mnist --root data/mnist --download --z-dim 50 --out runs/mnist
   vaelib evaluate runs/iwae5 --k 5000
 
-errors print one line and exit with status 2; an interrupted run exits with 130."""
+errors print one line and exit with status 2; an interrupted run exits with 130
+(143 for SIGTERM, 129 for SIGHUP) and continues with --resume."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,14 +75,16 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     return parse
@@ -112,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_int_at_least(0), default=50, help="total passes over the training data")
     t.add_argument("--batch-size", type=_int_at_least(1), default=100, help="data points per gradient step")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    t.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the initial weights and every epoch")
+    t.add_argument(
+        "--seed", type=_int_at_least(0, MAX_SEED), default=0, help="seeds the initial weights and every epoch (64 bits)"
+    )
     t.add_argument("--z-dim", type=_int_at_least(1), default=10, help="latent dimension")
     t.add_argument("--hidden", type=_int_at_least(1), nargs="+", default=[200, 200], help="hidden layer sizes")
     t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden-layer nonlinearity")
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_int_at_least(1), help="test images per pass (default: chosen from the device)")
     e.add_argument("--root", metavar="DIR", help="folder of the MNIST files, if not where the run found them")
     e.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
-    e.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the importance samples")
+    e.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="seeds the importance samples")
     e.set_defaults(func=evaluate)
     return parser
 
@@ -205,22 +219,79 @@ def _draw(vae: VAE, test_x: Tensor, path: Path, seed: int) -> bool:
     return True
 
 
+def _is_run(out: Path) -> bool:
+    """Whether ``out`` holds a run of 'vaelib train' (a run file or a checkpoint)."""
+    if (out / CHECKPOINT).exists():
+        return True
+    try:
+        _read_run(out / RUN)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_out(out: Path, text: str, resume: bool) -> None:
+    """Refuse an empty --out, a file, a folder of other things, and an existing run without --resume."""
+    if not text.strip():
+        raise ValueError("--out: expected a folder name, got an empty string")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    if _is_run(out):
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run ({out / CHECKPOINT if (out / CHECKPOINT).exists() else out / RUN}); "
+                "add --resume to continue it or choose another --out"
+            )
+        if (out / CHECKPOINT).exists() and not (out / CHECKPOINT).is_file():
+            raise ValueError(f"--resume: {out / CHECKPOINT} is a folder, not a checkpoint file")
+        return
+    ours = (RUN, CHECKPOINT, METRICS, SAMPLES)
+    others = sorted(
+        p.name
+        for p in out.iterdir()
+        if not (p.name == LOCK or any(p.name.startswith(f".{name}.") and p.name.endswith(".tmp") for name in ours))
+    )
+    if others:
+        raise ValueError(
+            f"--out: {out} is not empty and not a run of 'vaelib train' (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder"
+        )
+
+
 def train(args: argparse.Namespace) -> int:
     """``vaelib train``: see :func:`build_parser` for the options."""
     out = Path(args.out)
     checkpoint = out / CHECKPOINT
     if args.analytic_kl and args.objective != "elbo":
         raise ValueError("--analytic-kl: the closed-form KL applies to --objective elbo only")
-    if checkpoint.exists() and not args.resume:
-        raise ValueError(
-            f"{out} already holds a run ({checkpoint}); add --resume to continue it or choose another --out"
-        )
+    try:
+        check_architecture(X_DIM[args.data], args.z_dim, tuple(args.hidden), args.likelihood)
+    except ValueError as err:
+        raise ValueError(f"--hidden, --z-dim: {str(err).split(': ', 1)[1]}") from None
+    _check_out(out, args.out, args.resume)
     device = resolve_device(args.device)
     train_x, test_x = _load_data(args.data, args.root, args.download)
     root = str(Path(args.root).resolve()) if args.root else None
     config = {"format": "vaelib-run", "x_dim": train_x.shape[1], "root": root, "epochs": args.epochs}
     config |= {key: getattr(args, key) for key in _FIXED}
     config["matmul_precision"] = args.matmul_precision  # may change on --resume
+    with exclusive(out / LOCK, f"the run folder {out}"):
+        _check_out(out, args.out, args.resume)  # again, now that no other run can change it
+        return _train_locked(args, out, checkpoint, config, device, train_x, test_x)
+
+
+def _train_locked(
+    args: argparse.Namespace,
+    out: Path,
+    checkpoint: Path,
+    config: dict,
+    device: torch.device,
+    train_x: Tensor,
+    test_x: Tensor,
+) -> int:
+    """The part of ``vaelib train`` that runs while this process holds the folder's lock."""
     if args.resume and (out / RUN).exists():
         saved = _read_run(out / RUN)
         changed = [
@@ -230,13 +301,13 @@ def train(args: argparse.Namespace) -> int:
         ]
         if changed:
             raise ValueError(f"--resume: {out} was trained with other options ({'; '.join(changed)})")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT, RUN, METRICS, SAMPLES):  # left by a process killed while writing
-        for stale in out.glob(f".{name}.*tmp"):
-            stale.unlink(missing_ok=True)
-    _write_json(out / RUN, config)
+    remove_stale_temporaries(out, (CHECKPOINT, RUN, METRICS, SAMPLES))  # left by killed writes
     torch.manual_seed(args.seed)
     vae = VAE.mlp(train_x.shape[1], args.z_dim, tuple(args.hidden), args.activation, args.likelihood)
+    if args.resume and checkpoint.exists():  # every check of the resume, before run.json is written
+        settings = _settings(args.objective, args.k, args.analytic_kl, args.batch_size, args.lr, args.seed)
+        verify_training_checkpoint(checkpoint, vae, settings, epochs=args.epochs)
+    _write_json(out / RUN, config)
     label = "ELBO" if args.objective == "elbo" else f"IWAE (k={args.k})"
     show_bar = sys.stdout.isatty() and progress_enabled(None)
     options = {
@@ -248,8 +319,9 @@ def train(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message="fit: interrupted")  # said below, in one line
         history = fit(vae, train_x, **options, callback=None if show_bar else _epoch_line(args.epochs, label))
     if history.interrupted:
-        print(f"vaelib train: interrupted after epoch {len(history)}; add --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = f"stopped by {_STOP.name}" if _STOP.signum else "interrupted"
+        print(f"vaelib train: {how} after epoch {len(history)}; add --resume to continue", file=sys.stderr)
+        return _STOP.status()
     test = _test_set(test_x, args.likelihood, args.seed).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(args.seed)
@@ -279,6 +351,8 @@ def evaluate(args: argparse.Namespace) -> int:
     """``vaelib evaluate``: print the importance-sampled test log-likelihood of a run."""
     run = Path(args.run)
     checkpoint = run / CHECKPOINT
+    if checkpoint.is_dir():
+        raise ValueError(f"{checkpoint}: a folder, not a checkpoint file")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no checkpoint; is {run} a folder written by 'vaelib train'?")
     config = _read_run(run / RUN)
@@ -299,6 +373,40 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop:
+    """The signal that stopped the command, if one did: SIGTERM and SIGHUP are handled like Ctrl-C."""
+
+    signum: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "SIGINT"
+
+    def status(self) -> int:
+        return 128 + self.signum if self.signum else EXIT_INTERRUPTED
+
+    def handler(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt  # fit finishes or rolls back to the last completed epoch
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.signum = None
+        names = ("SIGTERM", "SIGHUP")
+        signums = [getattr(signal, n) for n in names if hasattr(signal, n)]
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            signums = []
+        previous = {n: signal.signal(n, self.handler) for n in signums}
+        try:
+            yield
+        finally:
+            for n, old in previous.items():
+                signal.signal(n, old)
+
+
+_STOP = _Stop()
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -307,10 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _STOP.installed():
+            return args.func(args)
     except KeyboardInterrupt:
-        print(f"vaelib {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, TrainingDiverged) as err:  # CheckpointError and IDXError are ValueErrors
+        how = f"stopped by {_STOP.name}" if _STOP.signum else "interrupted"
+        print(f"vaelib {args.command}: {how}", file=sys.stderr)
+        return _STOP.status()
+    # CheckpointError and IDXError are ValueErrors; WriteError (a full disk) is an OSError.
+    except (ValueError, TypeError, OSError, TrainingDiverged, RunLocked) as err:
         print(f"vaelib {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR

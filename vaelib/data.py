@@ -14,10 +14,14 @@ import hashlib
 import http.client
 import math
 import os
+import stat
 import struct
 import tempfile
+import time
+import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
@@ -63,6 +67,17 @@ MNIST_MIRRORS = (
 _IDX_MAGIC = {2049: 1, 2051: 3}
 # No standard IDX file is larger than this once decompressed (60000 x 28 x 28 + header).
 MAX_IDX_BYTES = 64 * 1024 * 1024
+# Decompressed sizes of the four MNIST files: a download (gzip or not) never needs more than
+# this plus DOWNLOAD_MARGIN bytes, so a server sending more is cut off there.
+MNIST_BYTES = {
+    "train-images-idx3-ubyte.gz": 47_040_016,
+    "train-labels-idx1-ubyte.gz": 60_008,
+    "t10k-images-idx3-ubyte.gz": 7_840_016,
+    "t10k-labels-idx1-ubyte.gz": 10_008,
+}
+DOWNLOAD_MARGIN = 64 * 1024
+# Seconds allowed for one file's whole download (connection included), unless told otherwise.
+DOWNLOAD_TIMEOUT = 60.0
 
 
 class IDXError(ValueError):
@@ -84,7 +99,12 @@ def _read_bounded(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, ...], i
     ``max_bytes`` (a billion images, say) is refused before its payload is
     decompressed or any buffer of the claimed size is allocated.
     """
-    with open(path, "rb") as raw:
+    # O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; only regular files are read.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IDXError(f"{path}: not a regular file (a folder, FIFO or device); expected an IDX file")
+    with os.fdopen(fd, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
@@ -161,15 +181,63 @@ def read_idx(path: str | os.PathLike, *, sha256: str | None = None, max_bytes: i
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _download(name: str, root: Path, mirrors: tuple[str, ...], sha256: str | None) -> None:
-    """Fetch ``name`` into ``root`` atomically: a temporary file, verified, then renamed."""
+def _fetch(url: str, out: BinaryIO, max_bytes: int, timeout: float) -> None:
+    """Copy ``url`` into ``out``: at most ``max_bytes`` bytes, within ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    late = f"not complete after {timeout:g} s (the deadline for one file)"
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(late)
+        return remaining
+
+    try:
+        _copy(url, out, max_bytes, left)
+    except TimeoutError as err:  # the socket's timeouts are the time left, so any of them is the deadline
+        raise TimeoutError(late) from err
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, TimeoutError):
+            raise TimeoutError(late) from err
+        raise
+
+
+def _copy(url: str, out: BinaryIO, max_bytes: int, left: Callable[[], float]) -> None:
+    with urllib.request.urlopen(url, timeout=left()) as resp:
+        length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise OSError(f"the server announces {int(length)} bytes, more than the {max_bytes} expected")
+        # The socket's timeout bounds each wait; it is lowered to the time left before every read.
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        total = 0
+        while True:
+            if sock is not None:
+                sock.settimeout(left())
+            chunk = resp.read1(1 << 16) if hasattr(resp, "read1") else resp.read(1 << 16)
+            left()
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > max_bytes:
+                raise OSError(f"the server sent more than the {max_bytes} bytes expected; cut off")
+            out.write(chunk)
+
+
+def _download(
+    name: str, root: Path, mirrors: tuple[str, ...], sha256: str | None, timeout: float = DOWNLOAD_TIMEOUT
+) -> None:
+    """Fetch ``name`` into ``root`` atomically: a temporary file, verified, then renamed.
+
+    Each attempt may take at most ``timeout`` seconds and ``MNIST_BYTES[name] +
+    DOWNLOAD_MARGIN`` bytes (``MAX_IDX_BYTES`` for other names).
+    """
+    max_bytes = MNIST_BYTES.get(name, MAX_IDX_BYTES) + DOWNLOAD_MARGIN
     errors = []
     for mirror in mirrors:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(mirror + name, timeout=60) as resp:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
+            with os.fdopen(fd, "wb") as out:
+                _fetch(mirror + name, out, max_bytes, timeout)
             read_idx(tmp, sha256=sha256)  # verify before it takes the final name
             os.replace(tmp, root / name)
             return
@@ -187,6 +255,7 @@ def load_mnist(
     checksums: dict[str, str] | None = MNIST_SHA256,
     mirrors: tuple[str, ...] = MNIST_MIRRORS,
     with_labels: bool = False,
+    timeout: float = DOWNLOAD_TIMEOUT,
 ) -> tuple[Tensor, ...]:
     """MNIST as float32 rows in [0, 1]: ``train_x`` (60000, 784) and ``test_x`` (10000, 784).
 
@@ -203,6 +272,9 @@ def load_mnist(
         Base URLs tried in order.
     with_labels : bool
         Also return the labels: ``train_x, train_y, test_x, test_y``.
+    timeout : float
+        Seconds allowed for each file's download, from connecting to the last
+        byte (each is also cut off after its known size plus a small margin).
 
     Raises
     ------
@@ -212,6 +284,8 @@ def load_mnist(
         A file is malformed or not the published one.
     """
     root = Path(root)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
     if download:
         root.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -224,16 +298,26 @@ def load_mnist(
         if not (root / name).exists():
             if not download:
                 raise FileNotFoundError(f"{root / name}: missing; pass download=True to fetch MNIST")
-            _download(name, root, mirrors, expected)
+            _download(name, root, mirrors, expected, timeout)
         arrays[key] = read_idx(root / name, sha256=expected)
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise IDXError(f"{root / MNIST_FILES[f'{split}_images']}: expected images of 28 x 28, got {images.shape}")
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        label_file, image_file = root / MNIST_FILES[f"{split}_labels"], root / MNIST_FILES[f"{split}_images"]
+        if labels.ndim != 1:
+            raise IDXError(f"{label_file}: expected a 1-d array of labels, got shape {labels.shape}")
+        if labels.shape[0] != images.shape[0]:
             raise IDXError(
-                f"{root / MNIST_FILES[f'{split}_labels']}: expected {images.shape[0]} labels, got shape {labels.shape}"
+                f"{image_file} holds {images.shape[0]} images but {label_file} holds {labels.shape[0]} labels: "
+                "the files do not belong together (train and test files swapped or mixed up?)"
             )
+    n_train, n_test = arrays["train_images"].shape[0], arrays["test_images"].shape[0]
+    if checksums is None and n_train == 10_000 and n_test == 60_000:
+        raise IDXError(
+            f"{root}: the training files hold 10000 images and the test files 60000: "
+            "the train and test files are swapped"
+        )
     train_x, test_x = (_to_unit(arrays[f"{s}_images"], 255.0) for s in ("train", "test"))
     if with_labels:
         train_y, test_y = (torch.from_numpy(arrays[f"{s}_labels"].astype(np.int64)) for s in ("train", "test"))

@@ -28,6 +28,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from vaelib._checks import check_choice, check_positive_int
 from vaelib.models import VAE
+from vaelib.threads import StepThreads, cpu_threads, matmul_work
 from vaelib.toy import as_multivariate_normal
 
 __all__ = ["ESTIMATORS", "elbo_surrogate", "gradient_samples", "kl"]
@@ -149,17 +150,28 @@ def gradient_samples(
     Tensor, shape (n, total number of parameters)
         One flattened gradient per row, parameters in order; ``.var(0)`` is the
         estimator's variance.
+
+    Notes
+    -----
+    On a CPU the work runs on one thread or on torch's count, whichever suits
+    its size (and, one estimate at a time, whichever is faster at the moment),
+    unless the caller set the count; see :mod:`vaelib.threads`.
     """
     check_positive_int(n, "n")
+    check_positive_int(k, "k")
+    batch = x.shape[0] if x.dim() > 1 else 1
     if batched:
-        copies = [p.detach().repeat(n, *[1] * (p.dim() - 1)).requires_grad_() for p in q_params]  # (n * batch, ...)
-        xs = x.repeat(n, *[1] * (x.dim() - 1))  # (n * batch, x_dim)
-        value = elbo_surrogate(xs, make_q(*copies), model, k, estimator=estimator).sum()
-        grads = torch.autograd.grad(value, copies)
-        return torch.cat([g.reshape(n, -1) for g in grads], dim=1)  # (n, n_params)
+        with cpu_threads(x.device, matmul_work(model, n * batch * k)):
+            copies = [p.detach().repeat(n, *[1] * (p.dim() - 1)).requires_grad_() for p in q_params]  # (n * batch, ...)
+            xs = x.repeat(n, *[1] * (x.dim() - 1))  # (n * batch, x_dim)
+            value = elbo_surrogate(xs, make_q(*copies), model, k, estimator=estimator).sum()
+            grads = torch.autograd.grad(value, copies)
+            return torch.cat([g.reshape(n, -1) for g in grads], dim=1)  # (n, n_params)
     rows = []
-    for _ in range(n):
-        value = elbo_surrogate(x, make_q(*q_params), model, k, estimator=estimator).sum()
-        grads = torch.autograd.grad(value, q_params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    with StepThreads(x.device, matmul_work(model, batch * k)) as threads:
+        for _ in range(n):
+            with threads.step():
+                value = elbo_surrogate(x, make_q(*q_params), model, k, estimator=estimator).sum()
+                grads = torch.autograd.grad(value, q_params)
+                rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)  # (n, n_params)

@@ -20,6 +20,7 @@ from torch.distributions import Distribution
 from vaelib._checks import LIKELIHOODS, check_data, check_nonnegative_int, check_positive_float, check_positive_int
 from vaelib._progress import progress_bar, progress_enabled
 from vaelib.data import bernoulli_draw
+from vaelib.threads import StepThreads, cpu_threads, matmul_work
 
 __all__ = ["AmortizedModel", "LogLikelihood", "active_units", "latent_activity", "log_likelihood", "pareto_khat"]
 
@@ -192,7 +193,10 @@ def log_likelihood(
 
     Work is split so memory stays bounded whatever ``k``: ``batch_size``
     data points at a time, and for each batch the ``k`` samples in chunks
-    whose running ``logsumexp`` is merged with ``logaddexp``.
+    whose running ``logsumexp`` is merged with ``logaddexp``. On a CPU the
+    chunks run on one thread or on torch's count, whichever is faster at the
+    moment, unless the caller set the count (see :mod:`vaelib.threads`); the
+    caller's count is restored afterwards.
 
     Parameters
     ----------
@@ -264,26 +268,30 @@ def _estimate(
         vae.eval()
     sums, squares, khats = [], [], []
     bar = progress_bar(progress_enabled(progress), total=x.shape[0], desc=f"log p(x), k={k}", unit="x")
+    # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
+    threads = StepThreads(device, matmul_work(vae, batch_size * chunk))
     try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device, dtype)  # (b, *x_shape)
-            q = vae.encode(xb)
-            s1 = torch.full((xb.shape[0],), -math.inf, device=device, dtype=dtype)  # log sum w
-            s2 = s1.clone()  # log sum w^2
-            kept = []
-            for done in range(0, k, chunk):
-                z = q.sample((min(chunk, k - done),))  # (c, b, z_dim)
-                log_w = vae.log_joint(xb, z) - q.log_prob(z)  # (c, b)
-                s1 = torch.logaddexp(s1, torch.logsumexp(log_w, dim=0))
-                if diagnostics:
-                    s2 = torch.logaddexp(s2, torch.logsumexp(2 * log_w, dim=0))
-                    kept.append(log_w)
-            sums.append(s1)
-            squares.append(s2)
-            if diagnostics and k >= 25 and _has_arviz():
-                khats.append(pareto_khat(torch.cat(kept)))  # (b,)
-            if bar is not None:
-                bar.update(xb.shape[0])
+        with threads:
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size].to(device, dtype)  # (b, *x_shape)
+                q = vae.encode(xb)
+                s1 = torch.full((xb.shape[0],), -math.inf, device=device, dtype=dtype)  # log sum w
+                s2 = s1.clone()  # log sum w^2
+                kept = []
+                for done in range(0, k, chunk):
+                    with threads.step():
+                        z = q.sample((min(chunk, k - done),))  # (c, b, z_dim)
+                        log_w = vae.log_joint(xb, z) - q.log_prob(z)  # (c, b)
+                        s1 = torch.logaddexp(s1, torch.logsumexp(log_w, dim=0))
+                        if diagnostics:
+                            s2 = torch.logaddexp(s2, torch.logsumexp(2 * log_w, dim=0))
+                            kept.append(log_w)
+                sums.append(s1)
+                squares.append(s2)
+                if diagnostics and k >= 25 and _has_arviz():
+                    khats.append(pareto_khat(torch.cat(kept)))  # (b,)
+                if bar is not None:
+                    bar.update(xb.shape[0])
     finally:
         if bar is not None:
             bar.close()
@@ -332,9 +340,10 @@ def latent_activity(vae: AmortizedModel, x: Tensor | np.ndarray, batch_size: int
     _check_model(vae)
     x = _check_inputs(vae, x)
     device, dtype = _model_device_dtype(vae, x)
-    means = torch.cat(
-        [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]
-    )  # (n, z_dim)
+    with cpu_threads(device, matmul_work(vae, min(batch_size, x.shape[0]))):
+        means = torch.cat(
+            [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]
+        )  # (n, z_dim)
     return means.var(dim=0, unbiased=False)
 
 

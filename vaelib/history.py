@@ -52,12 +52,26 @@ class History:
         self.valid_bound.append(valid_bound)
         self.seconds.append(seconds)
 
+    def truncate(self, epochs: int) -> None:
+        """Keep only the first ``epochs`` rows (an epoch rolled back after an interruption)."""
+        for column in (self.epoch, self.train_bound, self.valid_bound, self.seconds):
+            del column[epochs:]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls(**d)
+        """The inverse of :meth:`to_dict`; raises ``TypeError`` or ``ValueError`` for anything else."""
+        if not isinstance(d, dict):
+            raise TypeError(f"history: expected a dict, got {type(d).__name__}")
+        h = cls(**d)
+        n = len(h.epoch)
+        if any(not isinstance(c, list) or len(c) != n for c in (h.epoch, h.train_bound, h.valid_bound, h.seconds)):
+            raise ValueError("history: its columns are not lists of one length")
+        if h.epoch != list(range(1, n + 1)):
+            raise ValueError(f"history: epochs are not 1, 2, ..., {n}")
+        return h
 
     def plot(self, ax: Axes | None = None) -> Axes:
         """Draw the training (and validation) bound against the epoch."""

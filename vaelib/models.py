@@ -348,6 +348,7 @@ class VAE(nn.Module):
             - \\mathrm{KL}\\big(q_\\phi(z \\mid x) \\,\\|\\, p(z)\\big).
         """
         check_positive_int(k, "k")
+        self._check_dtype(x)
         if not analytic_kl:
             return elbo_from_log_weights(self.log_weights(x, k))
         q = self.encode(x)
@@ -357,7 +358,20 @@ class VAE(nn.Module):
 
     def iwae(self, x: Tensor, k: int = 5) -> Tensor:
         """Importance weighted bound with ``k`` samples, shape (batch,)."""
+        check_positive_int(k, "k")
+        self._check_dtype(x)
         return iwae_from_log_weights(self.log_weights(x, k))
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the networks' parameters (of the prior's buffer for networks without any)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), self._prior_loc.dtype)
+
+    def _check_dtype(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        dtype = self._dtype()
+        if x.dtype != dtype:
+            raise TypeError(f"x: expected {dtype} data (the model's dtype), got {x.dtype}; convert with x.to({dtype})")
 
     # -- generation -----------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from torch.distributions import (
 
 from vaelib._checks import check_positive_float, check_positive_int
 
-__all__ = ["LinearGaussian", "as_multivariate_normal"]
+__all__ = ["Bimodal", "LinearGaussian", "as_multivariate_normal"]
 
 
 def as_multivariate_normal(q: Distribution) -> MultivariateNormal:
@@ -187,3 +187,7 @@ class LinearGaussian:
         """
         q = as_multivariate_normal(q)
         return self.expected_log_likelihood(x, q) - kl_divergence(q, self.prior)
+
+
+# The non-Gaussian exact model lives in its own module; the book reaches it as vaelib.toy.Bimodal too.
+from vaelib.bimodal import Bimodal  # noqa: E402

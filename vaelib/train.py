@@ -16,6 +16,11 @@ Every epoch seeds the random number generators from ``(seed, epoch)`` inside
 ``torch.random.fork_rng``: a run is repeatable, a resumed run ends exactly
 where an uninterrupted one does (bitwise on a CPU), and the caller's global
 random state is left untouched.
+
+On a CPU the training steps run on one thread or on torch's thread count,
+whichever is faster at the moment (a second training beside this one makes
+torch's spinning threads slow), unless the caller set the count; the
+caller's count is restored afterwards (see :mod:`vaelib.threads`).
 """
 
 from __future__ import annotations
@@ -40,18 +45,22 @@ from torch.optim import Optimizer
 from vaelib._checks import (
     MATMUL_PRECISIONS,
     OBJECTIVES,
+    check_bool,
     check_choice,
     check_data,
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
+from vaelib._lock import exclusive
 from vaelib._progress import progress_bar, progress_enabled
 from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
 from vaelib.history import History
 from vaelib.models import VAE
+from vaelib.threads import StepThreads, matmul_work
 
 __all__ = [
     "Objective",
@@ -201,6 +210,7 @@ def _resolve_objective(
     objective: ObjectiveName | Objective, k: int | None, analytic_kl: bool
 ) -> tuple[Objective, str, int]:
     """The objective as a function ``(vae, x) -> (batch,)``, its name and its k."""
+    check_bool(analytic_kl, "analytic_kl")
     if callable(objective):
         if k is not None:
             raise ValueError("k: a callable objective draws its own samples; leave k unset")
@@ -208,6 +218,8 @@ def _resolve_objective(
             raise ValueError("analytic_kl: applies to objective='elbo' only")
         return objective, _name(objective), 1
     check_choice(objective, "objective", OBJECTIVES)
+    if analytic_kl and objective != "elbo":
+        raise ValueError(f"analytic_kl: the closed-form KL applies to objective='elbo' only, got {objective!r}")
     if k is None:
         k = DEFAULT_K[objective]
     k = check_positive_int(k, "k")
@@ -219,6 +231,19 @@ def _resolve_objective(
         return bound(vae, x, name, k, analytic_kl)
 
     return chosen, name, k
+
+
+def _check_checkpoint_path(path: Path | None, resume: bool, overwrite: bool) -> None:
+    if resume and path is None:
+        raise ValueError("resume: resume=True needs a checkpoint path to resume from")
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the checkpoint, overwrite=True replaces it; choose one")
+    if path is not None and path.is_dir():
+        raise ValueError(f"checkpoint: {path} is a folder; expected the path of a checkpoint file")
+    if path is not None and path.exists() and not (resume or overwrite):
+        raise ValueError(
+            f"checkpoint: {path} already exists; pass resume=True to continue it or overwrite=True to replace it"
+        )
 
 
 def _make_optimizer(vae: VAE, lr: float | None, optimizer: OptimizerFactory | None, dev: torch.device) -> Optimizer:
@@ -275,6 +300,7 @@ class _Run:
     settings: dict
     label: str
     snapshot: tuple[dict, dict, dict | None] | None = None  # set while an epoch is part-way through
+    threads: StepThreads | None = None  # the CPU thread policy of the steps, set by fit
 
 
 def _step(run: _Run, xb: Tensor) -> Tensor:
@@ -300,10 +326,11 @@ def _train_epoch(run: _Run, epoch: int) -> float:
     perm = torch.randperm(n, device=run.dev)
     with float32_matmul_precision(run.matmul_precision):
         for i in range(0, n, run.batch_size):
-            xb = run.x[perm[i : i + run.batch_size]]  # (batch, *event_shape)
-            if run.binarize:
-                xb = bernoulli_draw(xb)
-            total += _step(run, xb)
+            with run.threads.step() if run.threads is not None else contextlib.nullcontext():
+                xb = run.x[perm[i : i + run.batch_size]]  # (batch, *event_shape)
+                if run.binarize:
+                    xb = bernoulli_draw(xb)
+                total += _step(run, xb)
     run.vae.eval()
     return float(total) / n
 
@@ -393,9 +420,9 @@ def _run_epoch(run: _Run, history: History, epoch: int, callbacks: CallbackList,
     valid_bound = _validate(run, epoch)
     _scheduler_step(run, train_bound if valid_bound is None else valid_bound)
     history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
-    run.snapshot = None  # the epoch is complete
     if run.path is not None:
         write_training_checkpoint(run.path, run.vae, run.opt, history, run.settings, run.scheduler)
+    run.snapshot = None  # the epoch is complete, and on disk
     _report(run, history, bar)
     return callbacks.on_epoch_end(epoch, _logs(run, history))
 
@@ -451,6 +478,7 @@ def fit(
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     matmul_precision: MatmulPrecision = "medium",
     progress: bool | None = None,
     callback: Callable[[History], object] | None = None,
@@ -476,7 +504,7 @@ def fit(
         bound by default (``"iwae"`` with ``k=1`` is the ELBO, and warns).
         Not used with a callable objective.
     analytic_kl : bool
-        For the ELBO, use the closed-form KL to the prior.
+        For the ELBO, use the closed-form KL to the prior (refused with ``objective="iwae"``).
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
@@ -512,14 +540,19 @@ def fit(
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then the CPU.
     seed : int
-        Seeds every random choice; a CPU run repeats exactly.
+        Seeds every random choice (an integer in [0, 2**64 - 1]); a CPU run repeats exactly.
     checkpoint : path-like, optional
-        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`):
-        a process killed at any moment leaves the previous epoch's file intact.
+        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`),
+        and at once if ``epochs`` is 0: a process killed at any moment leaves the previous
+        epoch's file intact. The file is locked for the run (a second process training into
+        it is refused with the first one's pid; a lock left by a dead process is taken over).
     resume : bool
         Continue from ``checkpoint`` if it exists (from scratch if it does not);
         the run then ends with the same weights as an uninterrupted one. Callbacks
         start afresh.
+    overwrite : bool
+        Start afresh and replace an existing ``checkpoint``; without it (or
+        ``resume``), an existing file is refused rather than silently replaced.
     matmul_precision : {"medium", "high", "highest"}
         Internal precision of the float32 matrix products in the training steps
         (see :func:`~vaelib.train.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
@@ -549,7 +582,10 @@ def fit(
         (which only ever holds finite weights) is kept.
     vaelib.checkpoint.CheckpointError
         With ``resume=True``, if the checkpoint is unreadable, was written with
-        other settings, or holds a model of another shape; nothing is changed.
+        other settings or for another architecture, or holds NaN or infinite
+        weights; nothing is changed.
+    vaelib.checkpoint.WriteError
+        If a checkpoint cannot be written (a full disk); the previous one is intact.
 
     References
     ----------
@@ -557,6 +593,8 @@ def fit(
     """
     if not isinstance(vae, VAE):
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
+    if not any(p.requires_grad for p in vae.parameters()):
+        raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
     train_objective, name, k = _resolve_objective(objective, k, analytic_kl)
     check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
     epochs = check_nonnegative_int(epochs, "epochs")
@@ -567,6 +605,11 @@ def fit(
             raise ValueError("lr: set the learning rate inside the optimizer factory, not both")
     if grad_clip is not None:
         grad_clip = check_positive_float(grad_clip, "grad_clip")
+    seed = check_seed(seed, "seed")
+    check_bool(resume, "resume")
+    check_bool(overwrite, "overwrite")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function of the history, got {type(callback).__name__}")
     bernoulli = vae.likelihood == "bernoulli"
     if binarize is None:
         binarize = bernoulli
@@ -577,19 +620,21 @@ def fit(
     if patience is not None:
         patience = check_nonnegative_int(patience, "patience")
     dev = resolve_device(device)
+    for arg, data in (("train_x", train_x), ("valid_x", valid_x)):
+        if isinstance(data, Tensor) and data.requires_grad:
+            raise ValueError(f"{arg}: expected data that do not require grad; pass {arg}.detach()")
     train_x = check_data(train_x, "train_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     if valid_x is not None:
         valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     elif restore_best or patience is not None:
         raise ValueError("valid_x: restore_best and patience watch the validation bound; give valid_x")
-    if resume and checkpoint is None:
-        raise ValueError("resume: resume=True needs a checkpoint path to resume from")
+    path = Path(checkpoint) if checkpoint is not None else None
+    _check_checkpoint_path(path, resume, overwrite)
 
     vae.to(dev)
     dtype = next(vae.parameters()).dtype
     opt = _make_optimizer(vae, lr, optimizer, dev)
     sched = _make_scheduler(opt, scheduler)
-    default_lr = DEFAULT_LR if lr is None and optimizer is None else lr
     extra = {
         "optimizer": _name(optimizer) if optimizer is not None else None,
         "scheduler": _name(scheduler) if scheduler is not None else None,
@@ -612,13 +657,26 @@ def fit(
         dev=dev,
         valid_every=valid_every,
         epochs=epochs,
-        path=Path(checkpoint) if checkpoint is not None else None,
-        settings=_settings(name, k, analytic_kl, batch_size, default_lr, seed, **extra),
+        path=path,
+        settings=_settings(
+            name, k, analytic_kl, batch_size, DEFAULT_LR if optimizer is None and lr is None else lr, seed, **extra
+        ),
         label=name,
     )
     history = History(objective=name, k=k)
-    if resume and run.path is not None and run.path.exists():
-        history = read_training_checkpoint(run.path, vae, opt, run.settings, sched)
+    lock = contextlib.ExitStack()  # released in the finally clause of the loop
+    try:
+        if path is not None:
+            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+        if resume and path is not None and path.exists():
+            history = read_training_checkpoint(path, vae, opt, run.settings, epochs=epochs, scheduler=sched)
+        if path is not None and epochs == 0 and len(history) == 0:
+            write_training_checkpoint(
+                path, vae, opt, history, run.settings, sched
+            )  # a run of 0 epochs has its file too
+    except BaseException:
+        lock.close()
+        raise
     cbs = CallbackList(
         _all_callbacks(callbacks, callback, patience, restore_best), TrainState(vae, opt, history, sched)
     )
@@ -626,7 +684,12 @@ def fit(
         progress_enabled(progress), total=epochs, initial=len(history), desc=f"fit {name} k={k}", unit="epoch"
     )
     try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        # On a CPU, each step runs on one thread or on torch's count, whichever is faster
+        # now (vaelib.threads); the caller's count is restored on the way out.
+        with (
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+            StepThreads(dev, matmul_work(vae, batch_size * k)) as run.threads,
+        ):
             cbs.on_train_begin({"epoch": len(history)})
             for epoch in range(len(history) + 1, epochs + 1):
                 try:
@@ -634,7 +697,9 @@ def fit(
                         history.stopped = cbs.stopped_by
                         break
                 except KeyboardInterrupt:
-                    _rollback(run)
+                    if run.snapshot is not None:  # also during the epoch's checkpoint write, which is rolled back
+                        _rollback(run)
+                        history.truncate(epoch - 1)
                     history.interrupted = True
                     warnings.warn(
                         f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}",
@@ -646,4 +711,5 @@ def fit(
             bar.close()
         cbs.on_train_end({"epoch": len(history)})
         vae.eval()
+        lock.close()
     return history

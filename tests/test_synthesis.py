@@ -1,0 +1,166 @@
+"""vaelib.synthesis: the frames of the synthesis chapter's figure, and the figure itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+import matplotlib
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+import vaelib
+from vaelib.synthesis import GapFrames, gap_frames, interactive, plot_frame, slider_html
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    toy = vaelib.LinearGaussian.random(x_dim=2, z_dim=1, noise_std=0.5, seed=0, dtype=torch.float64)
+    x, _ = toy.sample(1, generator=torch.Generator().manual_seed(1))
+    shifts = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    widths = torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64)
+    frames = gap_frames(toy, x, shifts, widths, ks=(4, 64), draws=20_000, seed=0)
+    return toy, x, frames
+
+
+def test_exact_terms_agree_with_the_hand_derived_gaussian_gap(setup):
+    """log p(x) - ELBO = KL(q || p(z|x)) = -log r + (r^2 + delta^2)/2 - 1/2, in every frame."""
+    toy, x, frames = setup
+    d, r = frames.shifts[:, None], frames.widths[None, :]
+    formula = -r.log() + (r**2 + d**2) / 2 - 0.5
+    assert torch.allclose(frames.log_px - frames.elbo, formula, atol=1e-10)
+    assert torch.allclose(frames.kl_posterior, formula, atol=1e-10)
+    assert frames.log_px == pytest.approx(float(toy.log_marginal(x)[0]), abs=1e-12)
+
+
+def test_kl_to_the_prior_matches_monte_carlo(setup):
+    """KL(q || p(z)) of a frame against the mean of log q - log p(z) over draws of q."""
+    toy, _, frames = setup
+    q = Independent(Normal(frames.loc[2, 2].reshape(1), frames.scale[2, 2].reshape(1)), 1)
+    torch.manual_seed(2)
+    z = q.sample((200_000,))  # (200000, 1, 1)
+    diff = q.log_prob(z) - toy.prior.log_prob(z)
+    se = diff.std() / math.sqrt(len(diff))
+    assert abs(diff.mean() - frames.kl_prior[2, 2]) < 4 * se
+
+
+def test_bounds_at_the_posterior_are_exact(setup):
+    """With q = p(z | x) (shift 0, width 1) every weight is p(x), so every L_k is log p(x)."""
+    _, _, frames = setup
+    assert torch.allclose(frames.iwae[:, 1, 1], torch.full((2,), frames.log_px, dtype=torch.float64), atol=1e-10)
+    assert float(frames.iwae_se[:, 1, 1].max()) < 1e-10
+
+
+def test_bounds_match_independent_estimates_and_rise_with_k(setup):
+    """A frame's L_k agrees with estimates from vaelib.log_weights; ELBO < L_4 < L_64 <= log p(x)."""
+    toy, x, frames = setup
+    torch.manual_seed(3)
+    q = Independent(Normal(frames.loc[2, 2].reshape(1, 1), frames.scale[2, 2].reshape(1, 1)), 1)
+    for n, k in enumerate(frames.ks):
+        reps = 20_000 // k
+        est = vaelib.iwae_from_log_weights(vaelib.log_weights(x.expand(reps, -1), q.expand((reps,)), toy.log_joint, k))
+        se = math.hypot(est.std() / math.sqrt(reps), frames.iwae_se[n, 2, 2])
+        assert abs(est.mean() - frames.iwae[n, 2, 2]) < 4 * se
+    L4, L64 = frames.iwae[:, 2, 2]
+    se4, se64 = frames.iwae_se[:, 2, 2]
+    assert L4 - frames.elbo[2, 2] > 4 * se4
+    assert L64 - L4 > 4 * math.hypot(se4, se64)
+    assert L64 <= frames.log_px + 4 * se64
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"toy": "model"}, TypeError, "toy"),
+        ({"toy": vaelib.LinearGaussian.random(x_dim=2, z_dim=2)}, ValueError, "toy"),
+        ({"x": torch.zeros(2, 2, dtype=torch.float64)}, ValueError, "x"),
+        ({"shifts": [0.0]}, TypeError, "shifts"),
+        ({"widths": torch.tensor([1.0, 0.0])}, ValueError, "widths"),
+        ({"ks": (0,)}, ValueError, "ks"),
+        ({"draws": 3}, ValueError, "draws"),
+    ],
+)
+def test_argument_errors(setup, change, error, match):
+    """Bad arguments raise before any work, naming the argument."""
+    toy, x, _ = setup
+    kwargs = {"toy": toy, "x": x, "shifts": torch.zeros(2), "widths": torch.ones(2), "ks": (2,), "draws": 100}
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        gap_frames(**kwargs)
+
+
+def test_slider_html_embeds_every_frame_and_fetches_nothing(setup):
+    """The page holds all frames as JSON, two range inputs, and no address to load anything from."""
+    _, _, frames = setup
+    html = slider_html(frames, element_id="fig-1")
+    (payload,) = re.findall(r'<script type="application/json" class="frames">(.*?)</script>', html, re.S)
+    data = json.loads(payload)
+    assert len(data["bounds"]) == len(data["loc"]) == 9
+    assert data["ks"] == [1, 4, 64]
+    # frame (i, j) sits at i * W + j, and its first bound is the ELBO
+    assert data["bounds"][2 * 3 + 1][0] == pytest.approx(frames.elbo[2, 1].item(), abs=1e-4)
+    assert data["kl_posterior"][5] == pytest.approx(frames.kl_posterior[1, 2].item(), abs=1e-4)
+    assert html.count('type="range"') == 2 and 'id="fig-1"' in html and '("fig-1")' in html
+    assert not re.search(r"(src|href)=|https?://(?!www\.w3\.org/2000/svg)", html)
+    assert "__" not in html.replace("__proto__", "")
+
+
+def test_slider_html_argument_errors(setup):
+    _, _, frames = setup
+    with pytest.raises(TypeError, match="frames"):
+        slider_html({"elbo": 1})
+    with pytest.raises(ValueError, match="element_id"):
+        slider_html(frames, element_id='a" onload="x')
+
+
+def test_plot_frame_and_interactive(setup, monkeypatch):
+    """plot_frame draws two panels; interactive is None without ipywidgets."""
+    _, _, frames = setup
+    fig = plot_frame(frames, 0, 2)
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="i, j"):
+        plot_frame(frames, 3, 0)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    assert interactive(frames) is None
+    assert isinstance(frames, GapFrames)
+
+
+def test_jensen_gap_is_the_kl_to_the_posterior(setup):
+    """The Monte Carlo Jensen gap meets the closed-form KL(q || p(z|x)) within 4 standard errors."""
+    toy, x, _ = setup
+    torch.manual_seed(4)
+    posterior = toy.posterior(x)
+    q = Independent(Normal(posterior.mean + 0.3, 1.4 * posterior.stddev), 1)
+    gap, se = vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
+    exact = toy.log_marginal(x) - toy.elbo(x, q)
+    assert gap.shape == (1,) and se.shape == (1,)
+    assert gap > 4 * se and abs(gap - exact) < 4 * se
+
+
+def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
+    """L_1 meets the exact ELBO; L_20 is above it and below log p(x)."""
+    toy, x, _ = setup
+    torch.manual_seed(5)
+    posterior = toy.posterior(x)
+    q = Independent(Normal(posterior.mean - 0.4, 1.2 * posterior.stddev), 1)
+    L1, se1 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
+    L20, se20 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
+    assert abs(L1 - toy.elbo(x, q)[0]) < 4 * se1
+    assert L20 - L1 > 4 * math.hypot(se1, se20)
+    assert L20 < toy.log_marginal(x)[0] + 4 * se20
+
+
+def test_monte_carlo_helpers_argument_errors(setup):
+    toy, x, _ = setup
+    q = toy.posterior(x)
+    with pytest.raises(ValueError, match="n"):
+        vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
+    with pytest.raises(ValueError, match="draws"):
+        vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
+    with pytest.raises(ValueError, match="x"):
+        vaelib.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)

@@ -1,0 +1,296 @@
+"""How many CPU threads vaelib's loops use: one, or torch's default, whichever is faster now.
+
+On a CPU, torch splits a matrix product over OpenMP threads. For the small
+products of the book's models (a batch of 100 against 128 hidden units) the
+threads spend most of a step waiting for each other at the end of every
+product, and GNU OpenMP waits by spinning. On a quiet machine two threads
+are still about 1.5 times as fast as one; with one more training beside it
+(a second notebook, a shared JupyterHub server, a CI runner) the spinning
+threads steal each other's cores and a step takes five to ten times as long
+as with one thread. The OpenMP wait policy (``OMP_WAIT_POLICY=passive``)
+would help too, but GNU OpenMP reads it once, when torch is imported, so a
+library cannot set it.
+
+So vaelib's CPU loops (:func:`vaelib.fit`'s training steps,
+:func:`vaelib.log_likelihood`'s passes, :func:`vaelib.estimators.gradient_samples`)
+time their own steps with one thread and with torch's default number, keep
+the faster, and try the other now and then (one step in
+:attr:`StepThreads.explore_every`), so a run adapts when another one starts or
+stops beside it. Work too small for torch to split at all (fewer than
+:data:`SMALL_WORK` multiply-adds per product) runs on one thread without
+timing. Results do not depend on the choice: the products split rows, not
+sums, so one and two threads give the same bits.
+
+The caller's choice wins: if ``torch.set_num_threads`` was called (the count
+differs from the one torch started with) or ``OMP_NUM_THREADS`` or
+``MKL_NUM_THREADS`` is set, vaelib uses that count as it is. Setting
+``VAELIB_CPU_THREADS=torch`` turns the policy off (torch's count is used
+throughout, as before). The caller's count is restored when a call returns,
+also when it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SMALL_WORK",
+    "StepThreads",
+    "caller_chose_threads",
+    "cpu_threads",
+    "machine_busy",
+    "matmul_work",
+    "policy_enabled",
+    "thread_options",
+    "torch_default_threads",
+]
+
+# torch runs an element-wise kernel on one thread below 32,768 elements
+# (at::internal::GRAIN_SIZE); below this many multiply-adds per matrix
+# product there is nothing for a second thread to gain.
+SMALL_WORK = 2**16
+
+# Seconds of steps on one thread before a busy machine is tried with more.
+BUSY_DELAY = 0.5
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+POLICY_VARIABLE = "VAELIB_CPU_THREADS"
+
+# The count torch chose when vaelib was imported (its default unless the
+# caller set one before that).
+_TORCH_DEFAULT = torch.get_num_threads()
+
+
+def torch_default_threads() -> int:
+    """The number of threads torch had when vaelib was imported (its default)."""
+    return _TORCH_DEFAULT
+
+
+def policy_enabled() -> bool:
+    """False when ``VAELIB_CPU_THREADS=torch`` asks vaelib to leave torch's thread count alone."""
+    return os.environ.get(POLICY_VARIABLE, "auto").strip().lower() != "torch"
+
+
+def caller_chose_threads() -> bool:
+    """Whether the caller fixed the thread count (``torch.set_num_threads`` or an environment variable)."""
+    if any(os.environ.get(name, "").strip() for name in THREAD_VARIABLES):
+        return True
+    return torch.get_num_threads() != torch_default_threads()
+
+
+def machine_busy() -> bool:
+    """Whether the 1-minute load average already fills the CPUs this process may use."""
+    try:
+        load = os.getloadavg()[0]
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return False
+    return load >= cpus
+
+
+def matmul_work(model: object, rows: int) -> int:
+    """Multiply-adds of the largest matrix product in a pass of ``rows`` rows through ``model``.
+
+    .. math::
+
+        W = \\text{rows} \\times \\max_{\\text{layers}} d_\\text{in} \\, d_\\text{out}
+
+    For a model without linear layers (the linear-Gaussian model) the
+    product is its ``x_dim`` by ``z_dim`` matrix.
+    """
+    sizes = []
+    if isinstance(model, nn.Module):
+        sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    if not sizes:
+        sizes = [int(getattr(model, "x_dim", 1)) * int(getattr(model, "z_dim", 1))]
+    return int(rows) * max(sizes)
+
+
+def thread_options(device: torch.device | str, work: int) -> tuple[int, ...]:
+    """The thread counts worth timing for ``work`` multiply-adds per product on ``device``.
+
+    Returns
+    -------
+    tuple of int
+        ``()`` when vaelib must leave the count alone (another device, the
+        caller fixed it, or the policy is off); ``(1,)`` for small work;
+        otherwise ``(1, n)`` with ``n`` torch's default count (``(1,)`` on a
+        one-core machine).
+    """
+    if torch.device(device).type != "cpu" or not policy_enabled() or caller_chose_threads():
+        return ()
+    default = torch_default_threads()
+    if work < SMALL_WORK or default <= 1:
+        return (1,)
+    return (1, default)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device | str, work: int) -> Iterator[int]:
+    """Run the block on one thread if ``work`` is small, else on torch's count; then restore it.
+
+    For one-off work that cannot be timed step by step. Yields the count used.
+    """
+    options = thread_options(device, work)
+    before = torch.get_num_threads()
+    n = options[0] if len(options) == 1 else before
+    try:
+        if n != before:
+            torch.set_num_threads(n)
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class StepThreads:
+    """Time a loop's steps with each candidate thread count and run on the faster.
+
+    Use as a context manager around the loop and :meth:`step` around each step::
+
+        with StepThreads(device, work) as threads:
+            for xb in batches:
+                with threads.step():
+                    ...  # one training step
+
+    The first step is an untimed warm-up. Then the candidates take turns
+    until each has ``trials`` timed steps, or is clearly slower (its fastest
+    step slower than twice another's median); from then on the loop runs on
+    the count with the lowest median of its last ``trials`` step times and
+    now and then tries another one, so the choice follows the machine's load.
+    A try is at least ``explore_every`` steps after the last one, and after
+    at least ``1 / overhead`` times the extra seconds the last try cost, so
+    trying a count that is slow on a busy machine costs at most about
+    ``overhead`` of the loop's time. On leaving, the caller's count is restored.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Only CPU loops are tuned; elsewhere :meth:`step` does nothing.
+    work : int
+        Multiply-adds per matrix product in a step (:func:`matmul_work`).
+    trials : int
+        Timed steps per candidate that make up its estimate.
+    explore_every : int
+        Fewest steps between two tries of a count that is not the current choice.
+    overhead : float
+        Share of the loop's time that tries of slower counts may cost.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        work: int,
+        *,
+        trials: int = 3,
+        explore_every: int = 16,
+        overhead: float = 0.05,
+    ) -> None:
+        if not isinstance(trials, int) or trials < 1:
+            raise ValueError(f"trials: expected a positive int, got {trials!r}")
+        if not isinstance(explore_every, int) or explore_every < 1:
+            raise ValueError(f"explore_every: expected a positive int, got {explore_every!r}")
+        if not 0 < overhead < 1:
+            raise ValueError(f"overhead: expected a number in (0, 1), got {overhead!r}")
+        self.options = thread_options(device, work)
+        self.trials = trials
+        self.explore_every = explore_every
+        self.overhead = overhead
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.options}
+        self.steps = 0  # steps run, the warm-up included
+        self.spent = 0.0  # seconds of timed steps
+        self._last_try = 0  # the step of the last try of another count
+        self._next_try_at = 0.0  # ``spent`` before which no count is tried
+        self._tries = 0
+        # On a machine already busy, a spinning second thread is slow to try:
+        # start on one thread and try more only after this many seconds of steps.
+        self._busy_delay = BUSY_DELAY if machine_busy() else 0.0
+        self._before = torch.get_num_threads()
+
+    def __enter__(self) -> StepThreads:
+        self._before = torch.get_num_threads()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self._before:
+            torch.set_num_threads(self._before)
+
+    def record(self, n: int, seconds: float) -> None:
+        """Add one step's wall time on ``n`` threads (only the last ``trials`` are kept)."""
+        kept = self.seconds[n]
+        kept.append(seconds)
+        del kept[: -self.trials]
+        self.spent += seconds
+
+    def _median(self, n: int) -> float:
+        return statistics.median(self.seconds[n]) if self.seconds[n] else math.inf
+
+    def _settled(self, n: int) -> bool:
+        """Whether ``n`` has enough timed steps, or is clearly slower than another count."""
+        if len(self.seconds[n]) >= self.trials:
+            return True
+        if not self.seconds[n]:
+            return False
+        return any(min(self.seconds[n]) > 2 * self._median(m) for m in self.options if m != n)
+
+    def choice(self) -> int:
+        """The count with the lowest median step time (the first candidate until all are timed)."""
+        if not self.options:
+            return torch.get_num_threads()
+        if not all(self.seconds[n] for n in self.options):
+            return self.options[0]
+        return min(self.options, key=self._median)
+
+    def next_threads(self) -> int:
+        """The count for the next step: the candidates in turn until settled, then :meth:`choice` or a try."""
+        if len(self.options) < 2:
+            return self.options[0] if self.options else torch.get_num_threads()
+        if self.steps == 0:
+            return self.options[0]  # the warm-up
+        if self.spent < self._next_try_at and all(self.seconds.values()):
+            return self.choice()
+        if self.spent < self._busy_delay:
+            return self.options[0]  # the machine was busy: one thread for a while
+        unsettled = [n for n in self.options if not self._settled(n)]
+        if unsettled:
+            return min(unsettled, key=lambda n: len(self.seconds[n]))
+        best = self.choice()
+        if self.steps - self._last_try >= self.explore_every and self.spent >= self._next_try_at:
+            others = [n for n in self.options if n != best]
+            return others[self._tries % len(others)]
+        return best
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[int]:
+        """Run one step on the count from :meth:`next_threads` and time it. Yields the count."""
+        if not self.options:
+            yield torch.get_num_threads()
+            return
+        n = self.next_threads()
+        settled = all(self._settled(m) for m in self.options)
+        best = self.choice()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        start = time.perf_counter()
+        yield n
+        elapsed = time.perf_counter() - start
+        self.steps += 1
+        if len(self.options) < 2 or self.steps == 1:
+            return  # nothing to choose, or the warm-up
+        if settled and n != best:
+            self._tries += 1
+        self.record(n, elapsed)
+        best = self.choice()
+        if n != best and all(self.seconds.values()):
+            # A slower count was tried: wait until its extra cost is a small share of the time.
+            self._last_try = self.steps
+            extra = max(elapsed - self._median(best), 0.0)
+            self._next_try_at = max(self._next_try_at, self.spent + extra / self.overhead)
