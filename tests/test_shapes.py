@@ -176,3 +176,23 @@ def test_vae_conv_rebuilds_itself_from_a_file(tmp_path, images):
     torch.manual_seed(1)
     b = loaded.elbo(x, k=3)
     assert torch.equal(a, b)
+
+
+def test_conv_training_resumes_exactly(tmp_path, images):
+    """A conv VAE stopped after 1 epoch and resumed to 3 ends bitwise where a 3-epoch run ends; a model
+    with other channels is refused by the checkpoint, naming the architecture."""
+    train, test = images[0][:400], images[1][:50]
+    options = {**OPTIONS, "valid_x": test, "scheduler": lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.7)}
+    torch.manual_seed(0)
+    full = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 16))
+    vaelib.fit(full, train, epochs=3, **options)
+    torch.manual_seed(0)
+    part = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 16))
+    vaelib.fit(part, train, epochs=1, checkpoint=tmp_path / "c.pt", **options)
+    torch.manual_seed(0)
+    resumed = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 16))
+    vaelib.fit(resumed, train, epochs=3, checkpoint=tmp_path / "c.pt", resume=True, **options)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
+    other = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 8))
+    with pytest.raises(vaelib.CheckpointError, match="another architecture"):
+        vaelib.fit(other, train, epochs=3, checkpoint=tmp_path / "c.pt", resume=True, **options)

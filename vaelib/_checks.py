@@ -53,7 +53,7 @@ def check_seed(value: object, name: str = "seed") -> int:
     """Return ``value`` if it is an integer in [0, 2**64 - 1], else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer in [0, 2**64 - 1], got {value!r}")
-    if not 0 <= value <= MAX_SEED:
+    if not 0 <= int(value) <= MAX_SEED:
         raise ValueError(f"{name}: expected an integer in [0, 2**64 - 1] (64 bits), got {value}")
     return int(value)
 

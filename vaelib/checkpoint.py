@@ -53,7 +53,7 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that cannot be used, with the reason."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
+def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "checkpoint") -> Path:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`).
 
     The archive is built in memory and then written, so a failing file system
@@ -130,7 +130,7 @@ def _recorded_config(record: Any, path: Path) -> MLPConfig | ConvConfig | None:
     return mlp
 
 
-def _recorded_conv(config: dict) -> ConvConfig:
+def _recorded_conv(config: dict[str, Any]) -> ConvConfig:
     fields = {key: value for key, value in config.items() if key != "kind"}
     for key in ("x_shape", "channels"):
         if not isinstance(fields.get(key), (list, tuple)):
@@ -186,7 +186,7 @@ def _nonfinite(tensors: Any) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a file written by vaelib with ``weights_only=True``; raise ``CheckpointError`` if unusable.
 
     Before any tensor is read, the zip archive's members must be stored
@@ -238,17 +238,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
             "so it cannot be loaded or resumed"
         )
-    return obj
+    checked: dict[str, Any] = obj
+    return checked
 
 
-def model_record(vae: VAE) -> dict:
+def model_record(vae: VAE) -> dict[str, Any]:
     """The architecture and weights of a VAE as plain data (``config`` is ``None`` for custom networks)."""
     state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
     config = vae.config.to_dict() if vae.config is not None else None
     return {"config": config, "state_dict": state, "dtype": str(vae._dtype())}
 
 
-def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE:
+def model_from_record(record: dict[str, Any], path: str | os.PathLike[str] = "<record>") -> VAE:
     """Rebuild a VAE from :func:`model_record` output; errors name ``path``.
 
     The recorded architecture is checked against limits and against the
@@ -277,11 +278,11 @@ def _first_line(err: BaseException) -> str:
 
 
 def write_training_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     vae: VAE,
     opt: torch.optim.Optimizer,
     history: History,
-    settings: dict,
+    settings: dict[str, Any],
     scheduler: Any = None,
 ) -> Path:
     """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer (and scheduler) state,
@@ -302,8 +303,13 @@ def write_training_checkpoint(
 
 
 def verify_training_checkpoint(
-    path: str | os.PathLike, vae: VAE, settings: dict, *, epochs: int | None = None, scheduler: Any = None
-) -> dict:
+    path: str | os.PathLike[str],
+    vae: VAE,
+    settings: dict[str, Any],
+    *,
+    epochs: int | None = None,
+    scheduler: Any = None,
+) -> dict[str, Any]:
     """Check that the checkpoint at ``path`` can resume training ``vae`` with ``settings``; change nothing.
 
     Returns the checkpoint's contents, for :func:`read_training_checkpoint`.
@@ -334,12 +340,12 @@ def verify_training_checkpoint(
     mine = vae.config.to_dict() if vae.config is not None else None
     theirs = record.get("config")
     if mine is not None and theirs != mine:
-        diff = (
+        arch_diff: object = (
             {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             if isinstance(theirs, dict)
             else theirs
         )
-        raise CheckpointError(f"{path}: written for another architecture (saved, now): {diff}")
+        raise CheckpointError(f"{path}: written for another architecture (saved, now): {arch_diff}")
     dtype = str(vae._dtype())
     if record.get("dtype", dtype) != dtype:
         raise CheckpointError(f"{path}: written for {record.get('dtype')} parameters, but the model's are {dtype}")
@@ -365,10 +371,10 @@ def verify_training_checkpoint(
 
 
 def read_training_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     vae: VAE,
     opt: torch.optim.Optimizer,
-    settings: dict,
+    settings: dict[str, Any],
     *,
     epochs: int | None = None,
     scheduler: Any = None,
@@ -394,7 +400,7 @@ def read_training_checkpoint(
     return history
 
 
-def save(vae: VAE, path: str | os.PathLike) -> Path:
+def save(vae: VAE, path: str | os.PathLike[str]) -> Path:
     """Save a VAE, atomically: its weights, and its architecture when vaelib built it.
 
     Parameters
@@ -413,7 +419,7 @@ def save(vae: VAE, path: str | os.PathLike) -> Path:
     return atomic_save(record, path)
 
 
-def _load_into(model: torch.nn.Module, record: dict, path: str | os.PathLike) -> None:
+def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Load the record's weights into ``model``, after checking names and shapes; errors name ``path``."""
     state = record.get("state_dict")
     mine = model.state_dict()
@@ -434,7 +440,7 @@ def _load_into(model: torch.nn.Module, record: dict, path: str | os.PathLike) ->
     model.load_state_dict(state)
 
 
-def load(path: str | os.PathLike, *, model: VAE | None = None, device: str | torch.device | None = None) -> VAE:
+def load(path: str | os.PathLike[str], *, model: VAE | None = None, device: str | torch.device | None = None) -> VAE:
     """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.train.fit`.
 
     Parameters

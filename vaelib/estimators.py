@@ -52,14 +52,16 @@ class LatentModel(Protocol):
 def _likelihood(model: LatentModel, z: Tensor) -> Distribution:
     decode = getattr(model, "decode", None)
     if isinstance(model, VAE) or callable(decode):
-        return model.decode(z)  # type: ignore[attr-defined]
+        decoded: Distribution = model.decode(z)  # type: ignore[attr-defined]
+        return decoded
     likelihood = getattr(model, "likelihood", None)
     if not callable(likelihood):
         raise TypeError(
             f"model: the analytic_kl estimator needs model.decode(z) or model.likelihood(z), "
             f"which {type(model).__name__} lacks"
         )
-    return likelihood(z)
+    out: Distribution = likelihood(z)
+    return out
 
 
 def kl(q: Distribution, p: Distribution) -> Tensor:

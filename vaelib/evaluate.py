@@ -112,7 +112,7 @@ def pareto_khat(log_w: Tensor | np.ndarray) -> Tensor:
     # ArviZ 0.x takes the log weights themselves (not negated), samples on the last axis.
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # equal weights have no tail: k-hat is NaN
-        _, khat = arviz.psislw(np.ascontiguousarray(lw.T))  # (batch,)
+        _, khat = arviz.psislw(np.ascontiguousarray(lw.T))  # type: ignore[no-untyped-call]  # (batch,)
     return torch.as_tensor(np.asarray(khat, dtype=np.float64)).reshape(lw.shape[1])
 
 

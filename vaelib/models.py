@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,7 @@ class MLPConfig:
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         check_choice(self.likelihood, "likelihood", LIKELIHOODS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
@@ -99,7 +99,7 @@ class ConvConfig:
             )
         check_choice(self.likelihood, "likelihood", LIKELIHOODS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": "conv", **asdict(self), "x_shape": list(self.x_shape), "channels": list(self.channels)}
 
 
@@ -287,12 +287,12 @@ class VAE(nn.Module):
     # -- the three distributions ----------------------------------------------------
 
     @property
-    def prior(self) -> Independent:
+    def prior(self) -> Independent[Any]:
         """:math:`p(z) = \\mathcal{N}(0, I)`, event shape ``(z_dim,)``."""
-        loc = self._prior_loc
+        loc: Tensor = self._prior_loc  # type: ignore[assignment]
         return Independent(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
 
-    def encode(self, x: Tensor) -> Independent:
+    def encode(self, x: Tensor) -> Independent[Any]:
         """:math:`q_\\phi(z \\mid x)`, a diagonal Gaussian with batch shape ``x.shape[:-len(x_shape)]``.
 
         The scale is :math:`\\operatorname{softplus}(s) + 10^{-6}` of the encoder's raw output :math:`s`.
@@ -304,7 +304,7 @@ class VAE(nn.Module):
         scale = nn.functional.softplus(raw_scale) + MIN_ENCODER_SCALE
         return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
-    def decode(self, z: Tensor) -> Independent:
+    def decode(self, z: Tensor) -> Independent[Any]:
         """:math:`p_\\theta(x \\mid z)`, batch shape ``z.shape[:-1]``, event shape ``x_shape``.
 
         The decoder sees ``z`` flattened to ``(N, z_dim)``. The Bernoulli is built
@@ -326,7 +326,8 @@ class VAE(nn.Module):
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """:math:`\\log p(z) + \\log p_\\theta(x \\mid z)`; ``z`` (k, batch, z_dim) gives (k, batch)."""
-        return self.prior.log_prob(z) + self.decode(z).log_prob(x)
+        out: Tensor = self.prior.log_prob(z) + self.decode(z).log_prob(x)
+        return out
 
     def log_weights(self, x: Tensor, k: int = 1, *, seed: int | None = None) -> Tensor:
         """Log importance weights :math:`\\log p(x, z_i) - \\log q(z_i \\mid x)`, shape (k, batch).
@@ -354,7 +355,7 @@ class VAE(nn.Module):
         q = self.encode(x)
         z = q.rsample((k,))  # (k, batch, z_dim)
         reconstruction = self.decode(z).log_prob(x).mean(dim=0)  # (batch,)
-        return reconstruction - kl_divergence(q, self.prior)
+        return reconstruction - kl_divergence(q, self.prior)  # type: ignore[no-any-return]
 
     def iwae(self, x: Tensor, k: int = 5) -> Tensor:
         """Importance weighted bound with ``k`` samples, shape (batch,)."""
@@ -364,7 +365,8 @@ class VAE(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         """The dtype of the networks' parameters (of the prior's buffer for networks without any)."""
-        return next((p.dtype for p in self.parameters() if p.is_floating_point()), self._prior_loc.dtype)
+        fallback: torch.dtype = self._prior_loc.dtype  # type: ignore[assignment]
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), fallback)
 
     def _check_dtype(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):

@@ -186,7 +186,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _settings(
     objective: str, k: int, analytic_kl: bool, batch_size: int, lr: float | None, seed: int, **extra: object
-) -> dict:
+) -> dict[str, Any]:
     """What a resumed run must share with the run it continues.
 
     Options at their defaults are left out, so checkpoints of earlier versions still resume.
@@ -297,9 +297,11 @@ class _Run:
     valid_every: int
     epochs: int
     path: Path | None
-    settings: dict
+    settings: dict[str, Any]
     label: str
-    snapshot: tuple[dict, dict, dict | None] | None = None  # set while an epoch is part-way through
+    snapshot: tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None] | None = (
+        None  # set while an epoch is part-way through
+    )
     threads: StepThreads | None = None  # the CPU thread policy of the steps, set by fit
 
 
@@ -335,7 +337,7 @@ def _train_epoch(run: _Run, epoch: int) -> float:
     return float(total) / n
 
 
-def _snapshot(run: _Run) -> tuple[dict, dict, dict | None]:
+def _snapshot(run: _Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     sched = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
     return copy.deepcopy(run.vae.state_dict()), copy.deepcopy(run.opt.state_dict()), sched
 
@@ -476,7 +478,7 @@ def fit(
     callbacks: Sequence[Callback | Callable[[History], object]] | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     matmul_precision: MatmulPrecision = "medium",
