@@ -20,7 +20,7 @@ The chapter "Optimizing the bound" measures the variance of each.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from vaelib.toy import as_multivariate_normal
 __all__ = ["ESTIMATORS", "elbo_surrogate", "gradient_samples", "kl"]
 
 ESTIMATORS = ("reparameterization", "score", "analytic_kl")
+Estimator = Literal["reparameterization", "score", "analytic_kl"]
 
 
 class LatentModel(Protocol):
@@ -78,7 +79,7 @@ def elbo_surrogate(
     model: LatentModel,
     k: int = 1,
     *,
-    estimator: str = "reparameterization",
+    estimator: Estimator = "reparameterization",
 ) -> Tensor:
     """A surrogate of the ELBO whose gradient is the chosen estimator.
 
@@ -121,7 +122,7 @@ def gradient_samples(
     make_q: Callable[..., Distribution],
     model: LatentModel,
     *,
-    estimator: str,
+    estimator: Estimator,
     n: int,
     k: int = 1,
     batched: bool = False,

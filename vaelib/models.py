@@ -31,6 +31,7 @@ from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weig
 __all__ = ["VAE", "ConvConfig", "MLPConfig", "NetworkShapeError"]
 
 Likelihood = Literal["bernoulli", "gaussian"]
+Activation = Literal["tanh", "relu"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -242,7 +243,7 @@ class VAE(nn.Module):
         x_dim: int,
         z_dim: int,
         hidden: tuple[int, ...] = (200, 200),
-        activation: str = "tanh",
+        activation: Activation = "tanh",
         likelihood: Likelihood = "bernoulli",
     ) -> VAE:
         """Fully connected encoder and decoder with the same hidden sizes.
