@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,20 @@ def test_the_research_examples_run(tmp_path, monkeypatch, capsys):
     gap = float((model.log_marginal(x) - result.log_px).mean())
     assert gap > 4 * float(result.se.mean()) and gap > 1.0
     assert bool((result.khat > result.khat_threshold).all())
+
+
+@pytest.mark.slow
+def test_the_research_examples_type_check(tmp_path):
+    """mypy --strict (the project's configuration) accepts the research examples as one module."""
+    pytest.importorskip("mypy")
+    source = tmp_path / "readme_examples.py"
+    source.write_text("\n".join(research_examples()))
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), str(source)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MYPYPATH": str(ROOT)},
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
