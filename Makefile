@@ -52,7 +52,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (vaelib)" >/dev/null
 	cp $(VENV)/.installer $@
 
-install: $(STAMP)  ## create .venv with the pinned environment
+# The kernels' configuration (see the file): no "running over TCP" notice per notebook.
+KERNEL_CONFIG := $(VENV)/etc/ipython/ipython_kernel_config.py
+$(KERNEL_CONFIG): scripts/ipython_kernel_config.py $(STAMP)
+	install -D -m 644 $< $@
+
+install: $(STAMP) $(KERNEL_CONFIG)  ## create .venv with the pinned environment
 
 mathjax: $(MATHJAX)  ## MathJax 3 under book/_static, served from the site itself
 
@@ -67,7 +72,7 @@ $(MATHJAX):
 	mv .cache/mathjax/site $(MATHJAX_DIR)
 
 # Both build what they can, then fail naming any notebook that did not execute.
-book: $(STAMP) $(MATHJAX)  ## execute the notebooks and build the website into _build/html
+book: $(STAMP) $(KERNEL_CONFIG) $(MATHJAX)  ## execute the notebooks and build the website into _build/html
 	$(PY) scripts/build_book.py
 	@echo "Open _build/html/index.html"
 
@@ -81,10 +86,10 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 unit: $(STAMP)  ## the unit tests
 	$(BIN)/pytest -q -p no:cacheprovider
 
-notebooks: $(STAMP)  ## execute every notebook with nbval
+notebooks: $(STAMP) $(KERNEL_CONFIG)  ## execute every notebook with nbval
 	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax book/
 
-site: $(STAMP) $(MATHJAX)  ## build the website from a clean _build, warnings as errors
+site: $(STAMP) $(KERNEL_CONFIG) $(MATHJAX)  ## build the website from a clean _build, warnings as errors
 	rm -rf _build
 	$(PY) scripts/build_book.py -- -W -n
 

@@ -97,7 +97,14 @@ def header(benchmark: str, device: torch.device) -> dict[str, Any]:
 
 # Options whose values are paths on the machine that ran the benchmark: the
 # record keeps a placeholder, so it reads the same wherever it was made.
-_PATH_OPTIONS = {"--data-dir": "DIR", "--out": "DIR", "--checkpoint-dir": "DIR", "--toc": "FILE"}
+_PATH_OPTIONS = {
+    "--data-dir": "DIR",
+    "--out": "DIR",
+    "--checkpoint-dir": "DIR",
+    "--toc": "FILE",
+    "--clone": "DIR",
+    "--repo": "DIR",
+}
 
 
 def command(benchmark: str, argv: list[str]) -> str:

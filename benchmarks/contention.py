@@ -205,21 +205,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         parser.error("--workloads: book and/or throughput; --others: numbers of at least 0")
 
     results: dict[str, dict[str, dict[str, Any]]] = {w: {p: {} for p in policies} for w in workloads}
+
+    def save(complete: bool) -> tuple[dict[str, Any], Path]:
+        # Written after every cell, so a run stopped part-way leaves what it measured.
+        figures = {
+            "data": "digits" if args.data_dir is None else "mnist",
+            "workloads": workloads,
+            "policies": list(policies),
+            "others": others,
+            "repeats": args.repeats,
+            "complete": complete,
+            "results": results,
+            "targets": summarize(results),
+        }
+        return _record.write("contention", figures, torch.device("cpu"), out=args.out)
+
     for workload in workloads:
         for n in others:
             for policy in policies:  # alternate, so a drift in load touches both
                 cell = measure(workload, policy, n, args)
                 results[workload][policy][str(n)] = cell
                 print(f"{workload:10s} {policy:5s} {n} beside: {cell['median_seconds']:.2f} s", flush=True)
-    figures = {
-        "data": "digits" if args.data_dir is None else "mnist",
-        "workloads": workloads,
-        "policies": list(policies),
-        "repeats": args.repeats,
-        "results": results,
-        "targets": summarize(results),
-    }
-    record, path = _record.write("contention", figures, torch.device("cpu"), out=args.out)
+                save(complete=False)
+    record, path = save(complete=True)
     for workload, t in record["targets"].items():
         print(f"{workload}: {t}")
     print(f"wrote {path}")

@@ -20,6 +20,7 @@ Usage::
     python -m benchmarks.mutation --only iwae-no-log-k  # one mutation (repeat --only for more)
     python -m benchmarks.mutation --chapters 02_jensen 05_synthesis --timeout 300
     python -m benchmarks.mutation --all-chapters        # run every chapter on every mutant
+    python -m benchmarks.mutation --unit-tests          # also record whether the unit tests catch each bug
     python -m benchmarks.mutation --list
 
 Exits with status 1 if a mutant passes every chapter it ran, 2 if the list or
@@ -32,6 +33,8 @@ import argparse
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -224,9 +227,9 @@ def apply(mutation: Mutation, root: Path) -> None:
     path.write_text(text.replace(mutation.original, mutation.replacement))
 
 
-def copy_repository(root: Path, dest: Path) -> Path:
-    """Copy what the notebooks need (``vaelib/``, ``book/``, ``_toc.yml``) from ``root`` into ``dest``."""
-    for name in COPIED:
+def copy_repository(root: Path, dest: Path, *, extra: tuple[str, ...] = ()) -> Path:
+    """Copy what the notebooks need (``vaelib/``, ``book/``, ``_toc.yml``) and ``extra`` from ``root`` to ``dest``."""
+    for name in (*COPIED, *extra):
         source = root / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=_IGNORED)
@@ -323,6 +326,32 @@ def run_one(
             _restore(old)
 
 
+def unit_test_files(mutation: Mutation, root: Path) -> list[str]:
+    """The unit tests that mirror the mutated module: ``vaelib/toy.py`` is tested by ``tests/test_toy.py``."""
+    candidate = f"tests/test_{Path(mutation.path).stem}.py"
+    return [candidate] if (root / candidate).is_file() else []
+
+
+def run_unit_tests(mutation: Mutation, root: Path, *, timeout: int) -> dict[str, Any]:
+    """Run the mutated module's own unit tests (not slow, not browser) against a mutated copy of ``root``."""
+    files = unit_test_files(mutation, root)
+    if not files:
+        return {"files": [], "caught": None, "status": "no tests"}
+    with tempfile.TemporaryDirectory(prefix="vaelib-mutant-") as tmp:
+        copy = Path(tmp).resolve()
+        copy_repository(root, copy, extra=("tests", "benchmarks", "pyproject.toml"))
+        apply(mutation, copy)
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+        command += ["-m", "not slow and not browser", *files]
+        env = {**os.environ, **book.ENVIRONMENT, "PYTHONPATH": str(copy)}
+        try:
+            done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"files": files, "caught": None, "status": "timeout"}
+    status = {0: "passed", 1: "failed"}.get(done.returncode, f"pytest exit {done.returncode}")
+    return {"files": files, "caught": done.returncode == 1, "status": status}
+
+
 def _failing(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["status"] != "ok"), None)
 
@@ -336,6 +365,7 @@ def run(
     kernel: str | None = None,
     all_chapters: bool = False,
     baseline: bool = True,
+    unit_tests: bool = False,
 ) -> dict[str, Any]:
     """Run every mutant against ``chapters`` and return the record's figures."""
     problems = check(mutations, root)
@@ -366,9 +396,13 @@ def run(
             "chapters_run": [{"chapter": r["chapter"], "status": r["status"], "seconds": r["seconds"]} for r in rows],
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if unit_tests:
+            result["unit_tests"] = run_unit_tests(mutation, root, timeout=timeout)
         results.append(result)
         where = first["check"] or first["line"] or first["error"] if first else None
         verdict = f"caught by {first['chapter']}: {where}" if first else "NOT CAUGHT"
+        if unit_tests:
+            verdict += f"; unit tests: {result['unit_tests']['status']}"
         print(f"[{n}/{len(mutations)}] {mutation.name}: {verdict}, {result['seconds']:.0f} s", flush=True)
     figures.update(
         {
@@ -403,6 +437,9 @@ def main(argv: list[str] | None = None, *, mutations: Sequence[Mutation] = MUTAT
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default 600)")
     parser.add_argument("--kernel", help="kernel name (default: each notebook's own)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated book")
+    parser.add_argument(
+        "--unit-tests", action="store_true", help="also run the mutated module's unit tests (tests/test_<module>.py)"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--root", default=str(_record.ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--out", help="folder for the JSON record (default benchmarks/results)")
@@ -429,6 +466,7 @@ def main(argv: list[str] | None = None, *, mutations: Sequence[Mutation] = MUTAT
             kernel=args.kernel,
             all_chapters=args.all_chapters,
             baseline=not args.no_baseline,
+            unit_tests=args.unit_tests,
         )
     except MutationError as err:
         print(f"mutation: {err}")

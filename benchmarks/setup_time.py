@@ -62,7 +62,11 @@ def run_phase(target: str, clone: Path, make_args: list[str], log: Path) -> dict
     result: dict[str, Any] = {"seconds": round(seconds, 1), "status": status}
     text = log.read_text(errors="replace")
     result["log_lines"] = text.count("\n")
-    result["warning_lines"] = sum(1 for line in text.splitlines() if re.search(r"warning", line, re.IGNORECASE))
+    warnings = [line for line in text.splitlines() if re.search(r"warning", line, re.IGNORECASE)]
+    result["warning_lines"] = len(warnings)
+    # The kinds of warning, each once (digits and quoted names folded), so a record shows where they come from.
+    kinds = {re.sub(r"'[^']*'|\d+", "_", w): w for w in warnings}
+    result["warning_kinds"] = [w[:200] for w in list(kinds.values())[:10]]
     if status != 0:
         result["log_tail"] = text.splitlines()[-20:]
     return result
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phases", default=",".join(PHASES), help="parts to run (default: all three)")
     parser.add_argument("--repo", default=str(_record.ROOT), help="repository to clone (default this one)")
     parser.add_argument("--keep", action="store_true", help="keep the clone and print where it is")
+    parser.add_argument("--clone", help="go on in a clone kept by an earlier run (--keep) instead of a fresh one")
     parser.add_argument("--out", help="folder for the JSON record (default benchmarks/results)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -110,11 +115,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--phases: expected some of {', '.join(PHASES)}")
     make_args = ["UV="] if args.installer == "pip" else []
 
-    folder = Path(tempfile.mkdtemp(prefix="setup-time-"))
-    clone = folder / "repo"
     load_before = _record.load()
     start = time.perf_counter()
-    subprocess.run(["git", "clone", "--quiet", args.repo, str(clone)], check=True)
+    if args.clone is not None:
+        clone = Path(args.clone).resolve()
+        folder = clone.parent
+        args.keep = True
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="setup-time-"))
+        clone = folder / "repo"
+        subprocess.run(["git", "clone", "--quiet", args.repo, str(clone)], check=True)
     clone_seconds = time.perf_counter() - start
     parts: dict[str, Any] = {}
     for phase in phases:
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parts["site"] = {"seconds": round(parts["book"]["seconds"] - executed, 1)}
     figures = {
         "installer_asked": args.installer,
+        "fresh_clone": args.clone is None,
         "installer_used": installer_used(clone),
         "clone_seconds": round(clone_seconds, 1),
         "parts": parts,
@@ -137,9 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_before": load_before,
         "load_average_after": _record.load(),
     }
-    record, path = _record.write(
-        "setup_time", figures, torch.device("cpu"), name=f"setup_time-{args.installer}", out=args.out
-    )
+    name = f"setup_time-{args.installer}" + ("" if args.clone is None else "-" + "-".join(phases))
+    record, path = _record.write("setup_time", figures, torch.device("cpu"), name=name, out=args.out)
     print(f"total {record['total_seconds']} s; wrote {path}")
     if args.keep:
         print(f"the clone is in {clone}")

@@ -35,7 +35,11 @@ def tiny(tmp_path) -> Path:
     root = tmp_path / "repo"
     (root / "vaelib").mkdir(parents=True)
     source = "def double(x):\n    return 2 * x\n\n\ndef half(x):\n    return x / 2\n"
-    (root / "vaelib" / "__init__.py").write_text(source)
+    (root / "vaelib" / "arith.py").write_text(source)
+    (root / "vaelib" / "__init__.py").write_text("from vaelib.arith import double, half\n")
+    (root / "tests").mkdir()
+    unit_test = "from vaelib.arith import double\n\n\ndef test_double():\n    assert double(3) == 6\n"
+    (root / "tests" / "test_arith.py").write_text(unit_test)
     (root / "book").mkdir()
     (root / "book" / "intro.md").write_text("# Intro\n")
     checked = new_notebook(
@@ -50,9 +54,9 @@ def tiny(tmp_path) -> Path:
     return root
 
 
-CAUGHT = mutation.Mutation("triple", "vaelib/__init__.py", "return 2 * x", "return 3 * x", "double triples")
-UNCAUGHT = mutation.Mutation("third", "vaelib/__init__.py", "return x / 2", "return x / 3", "half takes a third")
-UNMATCHED = mutation.Mutation("gone", "vaelib/__init__.py", "return 4 * x", "return 5 * x", "text not in the file")
+CAUGHT = mutation.Mutation("triple", "vaelib/arith.py", "return 2 * x", "return 3 * x", "double triples")
+UNCAUGHT = mutation.Mutation("third", "vaelib/arith.py", "return x / 2", "return x / 3", "half takes a third")
+UNMATCHED = mutation.Mutation("gone", "vaelib/arith.py", "return 4 * x", "return 5 * x", "text not in the file")
 
 
 def test_caught_and_uncaught_mutants_are_recorded(tiny, tmp_path, monkeypatch):
@@ -63,7 +67,8 @@ def test_caught_and_uncaught_mutants_are_recorded(tiny, tmp_path, monkeypatch):
     before = _digest(tiny)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as failed:
-        mutation.main(["--root", str(tiny), "--out", str(out), "--timeout", "120"], mutations=[CAUGHT, UNCAUGHT])
+        argv = ["--root", str(tiny), "--out", str(out), "--timeout", "120", "--unit-tests"]
+        mutation.main(argv, mutations=[CAUGHT, UNCAUGHT])
     assert failed.value.code == 1
     (path,) = out.glob("mutation-*.json")
     saved = json.loads(path.read_text())
@@ -79,6 +84,9 @@ def test_caught_and_uncaught_mutants_are_recorded(tiny, tmp_path, monkeypatch):
     assert [r["chapter"] for r in caught["chapters_run"]] == ["01_checked"]  # stops at the first failure
     assert uncaught["caught_by"] is None and [r["status"] for r in uncaught["chapters_run"]] == ["ok", "ok"]
     assert saved["total"] == 2 and saved["caught"] == 1 and saved["uncaught"] == ["third"]
+    # the module's own unit test catches the first bug; nothing tests half()
+    assert caught["unit_tests"] == {"files": ["tests/test_arith.py"], "caught": True, "status": "failed"}
+    assert uncaught["unit_tests"] == {"files": ["tests/test_arith.py"], "caught": False, "status": "passed"}
     # the checkout is untouched and no copy is left behind
     assert _digest(tiny) == before
     assert list(scratch.iterdir()) == []

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+import types
 
 import matplotlib
 import pytest
@@ -164,3 +165,25 @@ def test_monte_carlo_helpers_argument_errors(setup):
         vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
     with pytest.raises(ValueError, match="x"):
         vaelib.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)
+
+
+def test_interactive_wires_two_sliders_to_plot_frame(setup, monkeypatch):
+    """With ipywidgets present, interactive() builds two integer sliders over the frames and draws a frame."""
+    _, _, frames = setup
+    calls = {}
+
+    class IntSlider:
+        def __init__(self, value, min, max):
+            self.value, self.min, self.max = value, min, max
+
+    def fake_interactive(function, **sliders):
+        calls.update(sliders)
+        function(**{name: s.value for name, s in sliders.items()})
+        return "widget"
+
+    fake = types.SimpleNamespace(IntSlider=IntSlider, interactive=fake_interactive)
+    monkeypatch.setitem(sys.modules, "ipywidgets", fake)
+    assert interactive(frames) == "widget"
+    assert (calls["shift"].min, calls["shift"].max, calls["width"].max) == (0, 2, 2)
+    # the frame nearest shift 1 and width 1.5 (1 and 2 are as near; the first wins)
+    assert calls["shift"].value == 2 and calls["width"].value == 1

@@ -223,3 +223,14 @@ def test_step_threads_argument_errors():
         threads.StepThreads("cpu", 1, trials=0)
     with pytest.raises(ValueError, match="overhead"):
         threads.StepThreads("cpu", 1, overhead=1.5)
+
+
+def test_the_thread_count_does_not_change_the_result(digits):
+    """Training the book's model on one thread and on two ends with the same weights, bit for bit."""
+    weights = []
+    for n in (1, 2):
+        torch.set_num_threads(n)  # an explicit count: the policy leaves it alone
+        vae = _large_vae()
+        vaelib.fit(vae, digits, epochs=2, batch_size=100, device="cpu")
+        weights.append(torch.cat([p.detach().flatten() for p in vae.parameters()]))
+    assert torch.equal(weights[0], weights[1])

@@ -6,9 +6,10 @@ on a storage named by a persistent id) and one member ``NAME/data/KEY`` per
 storage, stored uncompressed. :func:`inspect` checks the archive's members
 against limits and unpickles ``data.pkl`` with every tensor replaced by a
 :class:`TensorSpec` (its shape and dtype), reading no tensor bytes and
-building nothing. Callers compare those shapes with what the file's recorded
-configuration implies before ``torch.load`` reads a single weight, so a
-crafted file of a few kilobytes cannot make vaelib allocate gigabytes.
+building nothing. :func:`check_record` then compares those shapes with what
+the file's recorded architecture implies, before ``torch.load`` reads a single
+weight, so a crafted file of a few kilobytes cannot make vaelib allocate
+gigabytes.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["ArchiveError", "TensorSpec", "UnsafeGlobal", "inspect", "specs_in"]
+from vaelib._checks import MAX_PARAMETERS, check_architecture
+from vaelib.models import VAE, ConvConfig, MLPConfig
+
+__all__ = ["DTYPES", "ArchiveError", "TensorSpec", "UnsafeGlobal", "check_record", "inspect", "nonfinite", "specs_in"]
 
 # No vaelib file comes near these; they bound what is read before the checks below.
 MAX_MEMBERS = 10_000
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# Parameter dtypes a saved VAE may have.
+DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 _STORAGES = {
     "FloatStorage": torch.float32,
@@ -172,3 +178,82 @@ def specs_in(obj: Any) -> dict[str, TensorSpec] | None:
             return None
         specs[name] = t
     return specs
+
+
+def build(config: MLPConfig | ConvConfig) -> VAE:
+    """A fresh VAE of a recorded architecture (:meth:`VAE.mlp` or :meth:`VAE.conv`)."""
+    if isinstance(config, ConvConfig):
+        return VAE.conv(config.x_shape, config.z_dim, config.channels, config.likelihood)  # type: ignore[arg-type]
+    return VAE.mlp(**config.to_dict())
+
+
+def _recorded_conv(config: dict[str, Any]) -> ConvConfig:
+    fields = {key: value for key, value in config.items() if key != "kind"}
+    for key in ("x_shape", "channels"):
+        if not isinstance(fields.get(key), (list, tuple)):
+            raise TypeError(f"{key}: expected a list of sizes, got {fields.get(key)!r:.80}")
+    conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
+    with torch.device("meta"):  # counts parameters without memory
+        n = sum(p.numel() for p in build(conv).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"channels, x_shape: {conv} makes {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed")
+    return conv
+
+
+def _recorded_config(record: Any) -> MLPConfig | ConvConfig | None:
+    """The architecture a model record claims, checked against limits; ``None`` for custom networks."""
+    if not isinstance(record, dict) or record.get("config") is None:
+        return None
+    config = record["config"]
+    try:
+        if isinstance(config, dict) and config.get("kind") == "conv":
+            return _recorded_conv(config)
+        if not isinstance(config, dict) or not isinstance(config.get("hidden"), (list, tuple)):
+            raise TypeError(f"hidden: expected a list of layer sizes, got {config!r:.80}")
+        mlp = MLPConfig(**{**config, "hidden": tuple(config["hidden"])})
+        check_architecture(mlp.x_dim, mlp.z_dim, mlp.hidden, mlp.likelihood)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArchiveError(f"the recorded architecture is invalid: {err}") from err
+    return mlp
+
+
+def check_record(record: Any) -> MLPConfig | ConvConfig | None:
+    """Compare a model record's architecture, dtype and tensor shapes (read or not yet read).
+
+    Returns the recorded architecture (``None`` for custom networks, which
+    record none). The shapes the architecture implies come from a model built
+    on the ``meta`` device, which allocates nothing whatever it claims.
+    """
+    config = _recorded_config(record)
+    if config is None:
+        return None
+    dtype = DTYPES.get(str(record.get("dtype", "torch.float32")))
+    if dtype is None:
+        raise ArchiveError(f"unsupported parameter dtype {record.get('dtype')!r}")
+    with torch.device("meta"):
+        wanted = {name: t.shape for name, t in build(config).state_dict().items()}
+    specs = specs_in(record.get("state_dict"))
+    if specs is None or set(specs) != set(wanted):
+        raise ArchiveError(f"the weights do not fit the recorded architecture {config}: other tensor names")
+    for name, spec in specs.items():
+        if spec.shape != tuple(wanted[name]) or spec.dtype != dtype:
+            raise ArchiveError(
+                f"the weights do not fit the recorded architecture {config}: {name} is "
+                f"{spec.shape} of {spec.dtype} there, {tuple(wanted[name])} of {dtype} by the architecture"
+            )
+    return config
+
+
+def nonfinite(tensors: Any) -> str | None:
+    """The name of the first floating-point tensor in ``tensors`` holding NaN or infinity, if any."""
+    stack = [("", tensors)]
+    while stack:
+        name, obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                return name or "a tensor"
+        elif isinstance(obj, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in obj.items())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(obj))
+    return None

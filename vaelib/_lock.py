@@ -28,7 +28,7 @@ _HELD_GUARD = threading.Lock()
 
 
 class RunLocked(RuntimeError):
-    """Another live process holds the lock."""
+    """Another live process holds the lock of a run folder or checkpoint; the message names its pid."""
 
 
 def _holder(path: Path) -> str:

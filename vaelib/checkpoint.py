@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,12 +26,13 @@ import torch
 
 from vaelib import _archive
 from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
-from vaelib._checks import MAX_PARAMETERS, check_architecture
+from vaelib._lock import RunLocked
 from vaelib.history import History
-from vaelib.models import VAE, ConvConfig, MLPConfig
+from vaelib.models import VAE
 
 __all__ = [
     "CheckpointError",
+    "RunLocked",
     "WriteError",
     "atomic_save",
     "atomic_write",
@@ -45,7 +47,6 @@ __all__ = [
 
 FORMAT = "vaelib-model"
 FORMAT_VERSION = 1
-_DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "settings")
 
 
@@ -113,77 +114,12 @@ def _check_header(path: Path, obj: Any) -> None:
         raise CheckpointError(f"{path}: an incomplete training checkpoint (missing {', '.join(missing)})")
 
 
-def _recorded_config(record: Any, path: Path) -> MLPConfig | ConvConfig | None:
-    """The architecture a model record claims, checked against limits; ``None`` for custom networks."""
-    if not isinstance(record, dict) or record.get("config") is None:
-        return None
-    config = record["config"]
+def _checked(path: Path, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, with its ``ArchiveError`` turned into a ``CheckpointError`` naming ``path``."""
     try:
-        if isinstance(config, dict) and config.get("kind") == "conv":
-            return _recorded_conv(config)
-        if not isinstance(config, dict) or not isinstance(config.get("hidden"), (list, tuple)):
-            raise TypeError(f"hidden: expected a list of layer sizes, got {config!r:.80}")
-        mlp = MLPConfig(**{**config, "hidden": tuple(config["hidden"])})
-        check_architecture(mlp.x_dim, mlp.z_dim, mlp.hidden, mlp.likelihood)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: the recorded architecture is invalid: {err}") from err
-    return mlp
-
-
-def _recorded_conv(config: dict[str, Any]) -> ConvConfig:
-    fields = {key: value for key, value in config.items() if key != "kind"}
-    for key in ("x_shape", "channels"):
-        if not isinstance(fields.get(key), (list, tuple)):
-            raise TypeError(f"{key}: expected a list of sizes, got {fields.get(key)!r:.80}")
-    conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
-    with torch.device("meta"):  # counts parameters without memory
-        n = sum(p.numel() for p in _build(conv).parameters())
-    if n > MAX_PARAMETERS:
-        raise ValueError(f"channels, x_shape: {conv} makes {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed")
-    return conv
-
-
-def _build(config: MLPConfig | ConvConfig) -> VAE:
-    """A fresh VAE of the recorded architecture."""
-    if isinstance(config, ConvConfig):
-        return VAE.conv(config.x_shape, config.z_dim, config.channels, config.likelihood)  # type: ignore[arg-type]
-    return VAE.mlp(**config.to_dict())
-
-
-def _check_record(record: Any, path: Path) -> None:
-    """Compare a model record's architecture, dtype and tensor shapes before any tensor is read."""
-    config = _recorded_config(record, path)
-    if config is None:
-        return
-    dtype = _DTYPES.get(str(record.get("dtype", "torch.float32")))
-    if dtype is None:
-        raise CheckpointError(f"{path}: unsupported parameter dtype {record.get('dtype')!r}")
-    with torch.device("meta"):  # shapes only: no memory, whatever the architecture claims
-        wanted = {name: t.shape for name, t in _build(config).state_dict().items()}
-    specs = _archive.specs_in(record.get("state_dict"))  # shapes of tensors, or of tensors not yet read
-    if specs is None or set(specs) != set(wanted):
-        raise CheckpointError(f"{path}: the weights do not fit the recorded architecture {config}: other tensor names")
-    for name, spec in specs.items():
-        if spec.shape != tuple(wanted[name]) or spec.dtype != dtype:
-            raise CheckpointError(
-                f"{path}: the weights do not fit the recorded architecture {config}: {name} is "
-                f"{spec.shape} of {spec.dtype} there, {tuple(wanted[name])} of {dtype} by the architecture"
-            )
-
-
-def _nonfinite(tensors: Any) -> str | None:
-    """The name of the first floating-point tensor holding NaN or infinity, if any."""
-    stack = [("", tensors)]
-    while stack:
-        name, obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-                return name or "a tensor"
-        elif isinstance(obj, dict):
-            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in obj.items())
-        elif isinstance(obj, (list, tuple)):
-            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(obj))
-    return None
+        return check(*args)
+    except _archive.ArchiveError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -222,9 +158,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: damaged: the bytes of {damaged!r} do not match their stored CRC-32 checksum")
     _check_header(path, shapes)
     if shapes.get("kind") == "checkpoint":
-        _check_record(shapes["model"], path)
+        _checked(path, _archive.check_record, shapes["model"])
     elif shapes.get("kind") == "model":
-        _check_record(shapes, path)
+        _checked(path, _archive.check_record, shapes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the error below says all there is to say
@@ -232,7 +168,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as err:  # torch raises many types for damaged or unsafe files
         raise _load_error(path, err) from err
     _check_header(path, obj)
-    bad = _nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
+    bad = _archive.nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
     if bad is not None:
         raise CheckpointError(
             f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
@@ -260,11 +196,9 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike[str] = "<r
             f"{path}: holds no architecture (a model with networks of your own); "
             "build the model and pass it: vaelib.load(path, model=vae)"
         )
-    _check_record(record, Path(path))  # before anything is built
-    config = _recorded_config(record, Path(path))
-    assert config is not None
-    dtype = _DTYPES[str(record.get("dtype", "torch.float32"))]
-    vae = _build(config).to(dtype)
+    config = _checked(Path(path), _archive.check_record, record)  # before anything is built
+    dtype = _archive.DTYPES[str(record.get("dtype", "torch.float32"))]
+    vae = _archive.build(config).to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:

@@ -17,11 +17,7 @@ import os
 import stat
 import struct
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import zlib
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +25,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from torch import Tensor
+
+from vaelib._download import fetch
 
 __all__ = [
     "MNIST_FILES",
@@ -181,48 +179,6 @@ def read_idx(path: str | os.PathLike[str], *, sha256: str | None = None, max_byt
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _fetch(url: str, out: BinaryIO, max_bytes: int, timeout: float) -> None:
-    """Copy ``url`` into ``out``: at most ``max_bytes`` bytes, within ``timeout`` seconds in all."""
-    deadline = time.monotonic() + timeout
-    late = f"not complete after {timeout:g} s (the deadline for one file)"
-
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(late)
-        return remaining
-
-    try:
-        _copy(url, out, max_bytes, left)
-    except TimeoutError as err:  # the socket's timeouts are the time left, so any of them is the deadline
-        raise TimeoutError(late) from err
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, TimeoutError):
-            raise TimeoutError(late) from err
-        raise
-
-
-def _copy(url: str, out: BinaryIO, max_bytes: int, left: Callable[[], float]) -> None:
-    with urllib.request.urlopen(url, timeout=left()) as resp:
-        length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise OSError(f"the server announces {int(length)} bytes, more than the {max_bytes} expected")
-        # The socket's timeout bounds each wait; it is lowered to the time left before every read.
-        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
-        total = 0
-        while True:
-            if sock is not None:
-                sock.settimeout(left())
-            chunk = resp.read1(1 << 16) if hasattr(resp, "read1") else resp.read(1 << 16)
-            left()
-            if not chunk:
-                return
-            total += len(chunk)
-            if total > max_bytes:
-                raise OSError(f"the server sent more than the {max_bytes} bytes expected; cut off")
-            out.write(chunk)
-
-
 def _download(
     name: str, root: Path, mirrors: tuple[str, ...], sha256: str | None, timeout: float = DOWNLOAD_TIMEOUT
 ) -> None:
@@ -237,7 +193,7 @@ def _download(
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
         try:
             with os.fdopen(fd, "wb") as out:
-                _fetch(mirror + name, out, max_bytes, timeout)
+                fetch(mirror + name, out, max_bytes, timeout)
             read_idx(tmp, sha256=sha256)  # verify before it takes the final name
             os.replace(tmp, root / name)
             return

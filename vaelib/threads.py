@@ -11,18 +11,20 @@ as with one thread. The OpenMP wait policy (``OMP_WAIT_POLICY=passive``)
 would help too, but GNU OpenMP reads it once, when torch is imported, so a
 library cannot set it.
 
-So vaelib's CPU loops (:func:`vaelib.fit`'s training steps,
-:func:`vaelib.log_likelihood`'s passes, :func:`vaelib.estimators.gradient_samples`)
-time their own steps with one thread and with torch's default number, keep
-the faster, and try the other now and then (one step in
-:attr:`StepThreads.explore_every`), so a run adapts when another one starts or
-stops beside it. Work too small for torch to split at all (fewer than
-:data:`SMALL_WORK` multiply-adds per product) runs on one thread without
-timing. Results do not depend on the choice: the products split rows, not
-sums, so one and two threads give the same bits.
+So vaelib's CPU loops (:func:`vaelib.train.fit`'s training steps,
+:func:`vaelib.evaluate.log_likelihood`'s passes,
+:func:`vaelib.estimators.gradient_samples`) time their own steps with one
+thread and with torch's default number, keep the faster, and try the other
+now and then, so a run adapts when another one starts or stops beside it;
+the tries of a slower count cost at most about 5% of the loop's time (see
+:class:`StepThreads`). Work too small for torch to split at all (fewer than
+``SMALL_WORK`` multiply-adds per product) runs on one thread without timing.
+For the book's models the choice does not change the results: one and two
+threads train to the same bits (a test checks it).
 
 The caller's choice wins: if ``torch.set_num_threads`` was called (the count
-differs from the one torch started with) or ``OMP_NUM_THREADS`` or
+differs from the one torch had when vaelib was imported; a count set before
+that import reads as torch's own) or ``OMP_NUM_THREADS`` or
 ``MKL_NUM_THREADS`` is set, vaelib uses that count as it is. Setting
 ``VAELIB_CPU_THREADS=torch`` turns the policy off (torch's count is used
 throughout, as before). The caller's count is restored when a call returns,

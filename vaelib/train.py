@@ -588,6 +588,11 @@ def fit(
         weights; nothing is changed.
     vaelib.checkpoint.WriteError
         If a checkpoint cannot be written (a full disk); the previous one is intact.
+    vaelib.checkpoint.RunLocked
+        If another live process is training into ``checkpoint``; its pid is in the message.
+    ValueError
+        Also if ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is given, or
+        if the checkpoint already holds more than ``epochs`` epochs.
 
     References
     ----------
