@@ -145,7 +145,7 @@ class EarlyStopping(Callback):
     monitor : str
         A key of the epoch's logs; ``"valid_bound"`` by default. Epochs where it
         is absent (no validation that epoch) are skipped.
-    patience : int or math.inf
+    patience : int or float
         Validations without improvement before stopping; ``math.inf`` never
         stops (to keep only the best weights).
     min_delta : float

@@ -31,7 +31,7 @@ from vaelib.models import VAE
 from vaelib.threads import StepThreads, cpu_threads, matmul_work
 from vaelib.toy import as_multivariate_normal
 
-__all__ = ["ESTIMATORS", "elbo_surrogate", "gradient_samples", "kl"]
+__all__ = ["ESTIMATORS", "LatentModel", "elbo_surrogate", "gradient_samples", "kl"]
 
 ESTIMATORS = ("reparameterization", "score", "analytic_kl")
 Estimator = Literal["reparameterization", "score", "analytic_kl"]

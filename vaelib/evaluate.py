@@ -14,6 +14,7 @@ from typing import Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
+from numpy import ndarray
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -78,7 +79,7 @@ class LogLikelihood:
         return max(0.0, min(1 - 1 / math.log10(self.k), 0.7)) if self.k > 1 else 0.0
 
 
-def pareto_khat(log_w: Tensor | np.ndarray) -> Tensor:
+def pareto_khat(log_w: Tensor | ndarray) -> Tensor:
     """Pareto :math:`\\hat k` of importance weights, by ArviZ's ``psislw`` (PSIS).
 
     Parameters
@@ -144,7 +145,7 @@ def _check_inputs(model: object, x: object) -> Tensor:
 @overload
 def log_likelihood(
     vae: AmortizedModel,
-    x: Tensor | np.ndarray,
+    x: Tensor | ndarray,
     k: int = ...,
     batch_size: int | None = ...,
     *,
@@ -158,7 +159,7 @@ def log_likelihood(
 @overload
 def log_likelihood(
     vae: AmortizedModel,
-    x: Tensor | np.ndarray,
+    x: Tensor | ndarray,
     k: int = ...,
     batch_size: int | None = ...,
     *,
@@ -172,7 +173,7 @@ def log_likelihood(
 @torch.no_grad()
 def log_likelihood(
     vae: AmortizedModel,
-    x: Tensor | np.ndarray,
+    x: Tensor | ndarray,
     k: int = 5000,
     batch_size: int | None = None,
     *,
@@ -202,7 +203,7 @@ def log_likelihood(
     ----------
     vae : AmortizedModel
         A :class:`~vaelib.models.VAE` or any model with ``encode`` and ``log_joint``.
-    x : Tensor or ndarray, shape (batch, *x_shape)
+    x : Tensor or ndarray, shape ``(batch, *x_shape)``
         Data (binary for a true Bernoulli likelihood; a Bernoulli model scoring
         other values warns).
     k : int
@@ -320,14 +321,14 @@ def _has_arviz() -> bool:
 
 
 @torch.no_grad()
-def latent_activity(vae: AmortizedModel, x: Tensor | np.ndarray, batch_size: int = 1000) -> Tensor:
+def latent_activity(vae: AmortizedModel, x: Tensor | ndarray, batch_size: int = 1000) -> Tensor:
     """Variance across the data of each latent's posterior mean, :math:`\\operatorname{Var}_x \\mathbb{E}_q[z_j]`.
 
     Parameters
     ----------
     vae : AmortizedModel
         A :class:`~vaelib.models.VAE` or any model whose ``encode(x)`` has a ``mean``.
-    x : Tensor or ndarray, shape (n, *x_shape)
+    x : Tensor or ndarray, shape ``(n, *x_shape)``
 
     Returns
     -------
@@ -347,7 +348,7 @@ def latent_activity(vae: AmortizedModel, x: Tensor | np.ndarray, batch_size: int
     return means.var(dim=0, unbiased=False)
 
 
-def active_units(vae: AmortizedModel, x: Tensor | np.ndarray, threshold: float = 1e-2) -> int:
+def active_units(vae: AmortizedModel, x: Tensor | ndarray, threshold: float = 1e-2) -> int:
     """Number of latent dimensions whose activity exceeds ``threshold`` (Burda et al. use 0.01)."""
     threshold = check_positive_float(threshold, "threshold")
     return int((latent_activity(vae, x) > threshold).sum())

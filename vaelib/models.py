@@ -380,7 +380,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> Tensor:
-        """Draw ``n`` images: ``z ~ p(z)``, then the decoder's mean (or a sample), (n, *x_shape)."""
+        """Draw ``n`` images: ``z ~ p(z)``, then the decoder's mean (or a sample), ``(n, *x_shape)``."""
         check_positive_int(n, "n")
         z = self.prior.sample((n,))  # (n, z_dim)
         px = self.decode(z)
@@ -388,5 +388,5 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder mean at the encoder mean: :math:`\\mathbb{E}[x \\mid z = \\mu_\\phi(x)]`, (batch, *x_shape)."""
+        """Decoder mean at the encoder mean: :math:`\\mathbb{E}[x \\mid z = \\mu_\\phi(x)]`, ``(batch, *x_shape)``."""
         return self.decode(self.encode(x).mean).mean

@@ -496,7 +496,7 @@ def fit(
     ----------
     vae : VAE
         The model; it is moved to ``device`` and trained in place.
-    train_x : Tensor or ndarray, shape (n, *event_shape)
+    train_x : Tensor or ndarray, shape ``(n, *x_shape)``
         Training data, in [0, 1] for a Bernoulli likelihood.
     objective : {"elbo", "iwae"} or callable
         A callable follows the :class:`Objective` protocol: ``objective(vae, x)``
