@@ -429,6 +429,36 @@ def _run_epoch(run: _Run, history: History, epoch: int, callbacks: CallbackList,
     return callbacks.on_epoch_end(epoch, _logs(run, history))
 
 
+def _open_checkpoint(run: _Run, history: History, resume: bool) -> tuple[History, contextlib.ExitStack]:
+    """Lock the checkpoint for the run, and read it when resuming; the lock is returned to be released."""
+    lock = contextlib.ExitStack()
+    path = run.path
+    try:
+        if path is not None:
+            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+            if resume and path.exists():
+                history = read_training_checkpoint(
+                    path, run.vae, run.opt, run.settings, epochs=run.epochs, scheduler=run.scheduler
+                )
+            if run.epochs == 0 and len(history) == 0:  # a run of 0 epochs has its file too
+                write_training_checkpoint(path, run.vae, run.opt, history, run.settings, run.scheduler)
+    except BaseException:
+        lock.close()
+        raise
+    return history, lock
+
+
+def _interrupted(run: _Run, history: History, epoch: int) -> None:
+    """Ctrl-C: keep the last completed epoch (also during the epoch's checkpoint write, which is rolled back)."""
+    if run.snapshot is not None:
+        _rollback(run)
+        history.truncate(epoch - 1)
+    history.interrupted = True
+    warnings.warn(
+        f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}", stacklevel=3
+    )
+
+
 def _prepare_valid(
     vae: VAE, valid_x: Tensor, dev: torch.device, dtype: torch.dtype, binarize: bool, seed: int
 ) -> Tensor:
@@ -670,20 +700,7 @@ def fit(
         ),
         label=name,
     )
-    history = History(objective=name, k=k)
-    lock = contextlib.ExitStack()  # released in the finally clause of the loop
-    try:
-        if path is not None:
-            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
-        if resume and path is not None and path.exists():
-            history = read_training_checkpoint(path, vae, opt, run.settings, epochs=epochs, scheduler=sched)
-        if path is not None and epochs == 0 and len(history) == 0:
-            write_training_checkpoint(
-                path, vae, opt, history, run.settings, sched
-            )  # a run of 0 epochs has its file too
-    except BaseException:
-        lock.close()
-        raise
+    history, lock = _open_checkpoint(run, History(objective=name, k=k), resume)
     cbs = CallbackList(
         _all_callbacks(callbacks, callback, patience, restore_best), TrainState(vae, opt, history, sched)
     )
@@ -704,14 +721,7 @@ def fit(
                         history.stopped = cbs.stopped_by
                         break
                 except KeyboardInterrupt:
-                    if run.snapshot is not None:  # also during the epoch's checkpoint write, which is rolled back
-                        _rollback(run)
-                        history.truncate(epoch - 1)
-                    history.interrupted = True
-                    warnings.warn(
-                        f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}",
-                        stacklevel=2,
-                    )
+                    _interrupted(run, history, epoch)
                     return history
     finally:
         if bar is not None:
