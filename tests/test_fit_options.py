@@ -259,3 +259,26 @@ def test_binarize_needs_a_bernoulli_likelihood():
     """binarize=True on a Gaussian model is refused."""
     with pytest.raises(ValueError, match="binarize: dynamic binarization applies to a Bernoulli"):
         vaelib.fit(tiny("gaussian"), torch.rand(20, X_DIM), binarize=True, epochs=1, device="cpu")
+
+
+def test_reduce_on_plateau_watches_the_negated_bound(digits):
+    """A ReduceLROnPlateau is stepped with minus the validation bound (it minimizes a loss), or minus the
+    training bound in epochs without validation."""
+    seen = []
+
+    class Recording(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics, epoch=None):
+            seen.append(float(metrics))
+            return super().step(metrics)
+
+    history = vaelib.fit(
+        tiny(),
+        digits[0],
+        valid_x=digits[1],
+        valid_every=2,
+        scheduler=lambda o: Recording(o, patience=0),
+        epochs=3,
+        **OPTIONS,
+    )
+    expected = [-(v if v is not None else t) for t, v in zip(history.train_bound, history.valid_bound, strict=True)]
+    assert seen == expected
