@@ -12,7 +12,9 @@ from vaelib.estimators import elbo_surrogate
 from vaelib.evaluate import active_units, latent_activity, log_likelihood
 from vaelib.glue import glue
 from vaelib.history import History
+from vaelib.iwae_gradients import iwae_objective, iwae_surrogate
 from vaelib.models import VAE, MLPConfig
+from vaelib.renyi import renyi_from_log_weights, renyi_objective
 from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, default_device, fit
 
@@ -38,11 +40,15 @@ __all__ = [
     "fit",
     "glue",
     "iwae_from_log_weights",
+    "iwae_objective",
+    "iwae_surrogate",
     "latent_activity",
     "load",
     "log_likelihood",
     "log_weights",
     "plot",
+    "renyi_from_log_weights",
+    "renyi_objective",
     "save",
     "synthesis",
 ]

@@ -20,6 +20,7 @@ The chapter "Optimizing the bound" measures the variance of each.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -31,7 +32,15 @@ from vaelib.models import VAE
 from vaelib.threads import StepThreads, cpu_threads, matmul_work
 from vaelib.toy import as_multivariate_normal
 
-__all__ = ["ESTIMATORS", "LatentModel", "elbo_surrogate", "gradient_samples", "kl"]
+__all__ = [
+    "ESTIMATORS",
+    "GradientStatistics",
+    "LatentModel",
+    "elbo_surrogate",
+    "gradient_samples",
+    "gradient_statistics",
+    "kl",
+]
 
 ESTIMATORS = ("reparameterization", "score", "analytic_kl")
 Estimator = Literal["reparameterization", "score", "analytic_kl"]
@@ -178,3 +187,44 @@ def gradient_samples(
                 grads = torch.autograd.grad(value, q_params)
                 rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)  # (n, n_params)
+
+
+@dataclass(frozen=True)
+class GradientStatistics:
+    """Per-parameter mean, variance and signal-to-noise ratio of ``n`` gradient draws, each ``(n_params,)``."""
+
+    mean: Tensor
+    variance: Tensor
+    snr: Tensor
+    n: int
+
+
+def gradient_statistics(grads: Tensor) -> GradientStatistics:
+    """Summarize ``n`` independent gradient estimates, the rows of :func:`gradient_samples`.
+
+    .. math::
+
+        \\mathrm{SNR}_j = \\frac{|\\mathbb{E}[g_j]|}{\\sqrt{\\operatorname{Var}[g_j]}}
+        \\approx \\frac{|\\bar g_j|}{s_j}
+
+    Parameters
+    ----------
+    grads : Tensor, shape (n, n_params)
+        One gradient estimate per row, ``n >= 2``.
+
+    Returns
+    -------
+    GradientStatistics
+        ``mean``, ``variance`` (unbiased) and ``snr``, each of shape ``(n_params,)``.
+
+    References
+    ----------
+    Rainforth et al. (2018), "Tighter variational bounds are not necessarily better", eq. (6).
+    """
+    if not isinstance(grads, Tensor):
+        raise TypeError(f"grads: expected a torch.Tensor, got {type(grads).__name__}")
+    if grads.dim() != 2 or grads.shape[0] < 2:
+        raise ValueError(f"grads: expected shape (n, n_params) with n >= 2, got {tuple(grads.shape)}")
+    mean = grads.mean(dim=0)  # (n_params,)
+    variance = grads.var(dim=0)  # (n_params,)
+    return GradientStatistics(mean=mean, variance=variance, snr=mean.abs() / variance.sqrt(), n=grads.shape[0])

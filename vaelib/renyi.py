@@ -1,0 +1,93 @@
+"""The variational Renyi bound: one family from the IWAE bound (alpha = 0) to the ELBO (alpha -> 1).
+
+For :math:`\\alpha \\in [0, 1)` and log weights :math:`\\log w_i` of ``k`` draws from ``q``,
+
+.. math::
+
+    \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
+    \\log \\frac{1}{k} \\sum_{i=1}^k w_i^{1 - \\alpha},
+
+the Monte Carlo estimate of
+:math:`\\frac{1}{1-\\alpha}\\log \\mathbb{E}_q[w^{1-\\alpha}] = \\log p(x) - D_\\alpha(q \\,\\|\\, p(z \\mid x))`
+(Li and Turner 2016, eqs. 4 and 8). For the same draws it is the log of the power mean of order
+:math:`1 - \\alpha` of the weights, so it never increases with :math:`\\alpha`; at :math:`\\alpha = 0` it is
+the IWAE bound and as :math:`\\alpha \\to 1` it tends to the mean of the log weights (the ELBO estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from vaelib._checks import check_positive_int
+from vaelib.bounds import _check_log_weights, log_weights
+from vaelib.models import VAE
+
+__all__ = ["renyi_from_log_weights", "renyi_objective"]
+
+# Below this 1 - alpha the log1p/expm1 form keeps the digits that logsumexp - log k would cancel.
+_SMALL = 1e-3
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a float in [0, 1), got {type(alpha).__name__}")
+    if not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(f"alpha: expected a float in [0, 1), got {alpha}")
+    return float(alpha)
+
+
+def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
+    """The variational Renyi bound estimate from log importance weights.
+
+    .. math::
+
+        \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
+        \\Big(\\operatorname{logsumexp}_i\\big((1 - \\alpha) \\log w_i\\big) - \\log k\\Big)
+
+    Parameters
+    ----------
+    log_w : Tensor, shape (k, batch)
+        Log importance weights, particles on the leading dimension.
+    alpha : float
+        Order in [0, 1): 0 gives the IWAE bound, values near 1 the ELBO.
+
+    Returns
+    -------
+    Tensor, shape (batch,)
+
+    References
+    ----------
+    Li and Turner (2016), "Renyi divergence variational inference", eq. (8).
+    """
+    _check_log_weights(log_w)
+    alpha = _check_alpha(alpha)
+    s = 1.0 - alpha
+    k = log_w.shape[0]
+    if s >= _SMALL:
+        return (torch.logsumexp(s * log_w, dim=0) - math.log(k)) / s
+    # log mean exp(s log w) = m + log1p(mean(expm1(s (log w - m)))) for m = mean(log w): each
+    # s (log w - m) is small, so nothing of size log k is subtracted.
+    m = log_w.mean(dim=0)  # (batch,)
+    return m + torch.log1p(torch.expm1(s * (log_w - m)).mean(dim=0)) / s
+
+
+def renyi_objective(alpha: float, k: int = 5) -> Callable[[VAE, Tensor], Tensor]:
+    """``(vae, x) -> (batch,)``: the reparameterized Renyi bound of a VAE, for a training loop or ``fit``.
+
+    .. math::
+
+        \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
+        \\log \\frac{1}{k} \\sum_{i=1}^k w_i^{1 - \\alpha}
+    """
+    alpha = _check_alpha(alpha)
+    check_positive_int(k, "k")
+
+    def objective(vae: VAE, x: Tensor) -> Tensor:
+        return renyi_from_log_weights(log_weights(x, vae.encode(x), vae.log_joint, k), alpha)
+
+    objective.__name__ = f"renyi_alpha{alpha:g}_k{k}"
+    return objective
