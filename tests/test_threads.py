@@ -20,6 +20,7 @@ def policy(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "_TORCH_DEFAULT", DEFAULT)
     monkeypatch.setattr(threads, "machine_busy", lambda: False)
+    monkeypatch.setattr(threads, "_MEMORY", {})
     before = torch.get_num_threads()
     torch.set_num_threads(DEFAULT)
     yield
@@ -163,9 +164,11 @@ def test_cpu_threads_restores_after_an_error(policy):
         assert n == DEFAULT  # large one-off work keeps torch's count
 
 
-def _run(step_seconds: dict[int, float], steps: int, monkeypatch) -> tuple[threads.StepThreads, dict[int, int]]:
+def _run(
+    step_seconds: dict[int, float], steps: int, monkeypatch, clock: list[float] | None = None
+) -> tuple[threads.StepThreads, dict[int, int]]:
     """Drive StepThreads with a fake clock on which a step on n threads takes ``step_seconds[n]``."""
-    clock = [0.0]
+    clock = [0.0] if clock is None else clock
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
     counts = {n: 0 for n in step_seconds}
     with threads.StepThreads("cpu", 10**9) as tuner:
@@ -234,3 +237,16 @@ def test_the_thread_count_does_not_change_the_result(digits):
         vaelib.fit(vae, digits, epochs=2, batch_size=100, device="cpu")
         weights.append(torch.cat([p.detach().flatten() for p in vae.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_the_next_loop_remembers_a_slow_count(policy, monkeypatch):
+    """A second loop over the same work starts from the first one's times and does not try the slow count at once."""
+    slow, fast, clock = 50e-3, 1e-3, [0.0]
+    _, first = _run({1: fast, DEFAULT: slow}, 200, monkeypatch, clock)
+    assert first[DEFAULT] >= 1
+    clock[0] += 0.1  # the notebook's next cell
+    _, second = _run({1: fast, DEFAULT: slow}, 50, monkeypatch, clock)
+    assert second[DEFAULT] == 0
+    clock[0] += threads.MEMORY_SECONDS
+    _, third = _run({1: fast, DEFAULT: slow}, 50, monkeypatch, clock)
+    assert third[DEFAULT] >= 1  # a minute later it times both counts afresh

@@ -137,7 +137,7 @@ class Bimodal:
 
     def _q_extent(self, q: Distribution) -> float:
         loc, scale = _loc_scale(q)
-        return float((loc.abs() + 12 * scale).max())
+        return float((loc.abs() + 12 * scale).max().detach())  # the grid is not differentiated
 
     def log_marginal(self, x: Tensor) -> Tensor:
         """:math:`\\log p(x) = \\log \\int \\mathcal{N}(z; 0, 1)\\, \\mathcal{N}(x; z^2, \\sigma^2)\\, dz`.

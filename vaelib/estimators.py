@@ -19,6 +19,7 @@ The chapter "Optimizing the bound" measures the variance of each.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -131,7 +132,7 @@ def gradient_samples(
     make_q: Callable[..., Distribution],
     model: LatentModel,
     *,
-    estimator: Estimator,
+    estimator: Estimator | Callable[..., Tensor],
     n: int,
     k: int = 1,
     batched: bool = False,
@@ -147,7 +148,9 @@ def gradient_samples(
     make_q : callable
         ``make_q(*q_params)`` builds the distribution ``q``.
     model : LinearGaussian or VAE
-    estimator : {"reparameterization", "score", "analytic_kl"}
+    estimator : {"reparameterization", "score", "analytic_kl"} or callable
+        An ELBO estimator's name, or any surrogate ``estimator(x, q, model, k)`` of shape
+        ``(batch,)``, such as :func:`vaelib.iwae_gradients.iwae_surrogate` with its own estimator.
     n : int
         Number of independent estimates.
     k : int
@@ -171,19 +174,24 @@ def gradient_samples(
     """
     check_positive_int(n, "n")
     check_positive_int(k, "k")
+    if callable(estimator):
+        surrogate = estimator
+    else:
+        check_choice(estimator, "estimator", ESTIMATORS)
+        surrogate = functools.partial(elbo_surrogate, estimator=estimator)
     batch = x.shape[0] if x.dim() > 1 else 1
     if batched:
         with cpu_threads(x.device, matmul_work(model, n * batch * k)):
             copies = [p.detach().repeat(n, *[1] * (p.dim() - 1)).requires_grad_() for p in q_params]  # (n * batch, ...)
             xs = x.repeat(n, *[1] * (x.dim() - 1))  # (n * batch, x_dim)
-            value = elbo_surrogate(xs, make_q(*copies), model, k, estimator=estimator).sum()
+            value = surrogate(xs, make_q(*copies), model, k).sum()
             grads = torch.autograd.grad(value, copies)
             return torch.cat([g.reshape(n, -1) for g in grads], dim=1)  # (n, n_params)
     rows = []
     with StepThreads(x.device, matmul_work(model, batch * k)) as threads:
         for _ in range(n):
             with threads.step():
-                value = elbo_surrogate(x, make_q(*q_params), model, k, estimator=estimator).sum()
+                value = surrogate(x, make_q(*q_params), model, k).sum()
                 grads = torch.autograd.grad(value, q_params)
                 rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)  # (n, n_params)

@@ -62,7 +62,7 @@ class History:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        """The inverse of :meth:`to_dict`; raises ``TypeError`` or ``ValueError`` for anything else."""
+        """The inverse of :meth:`History.to_dict`; raises ``TypeError`` or ``ValueError`` for anything else."""
         if not isinstance(d, dict):
             raise TypeError(f"history: expected a dict, got {type(d).__name__}")
         h = cls(**d)

@@ -39,6 +39,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +63,12 @@ SMALL_WORK = 2**16
 
 # Seconds of steps on one thread before a busy machine is tried with more.
 BUSY_DELAY = 0.5
+
+# What the last loop over the same work found, for the next loop in this
+# process within this many seconds: a notebook calls fit again and again,
+# and each call would otherwise pay anew for trying a count that is slow.
+MEMORY_SECONDS = 60.0
+_MEMORY: dict[tuple[tuple[int, ...], int], dict[str, Any]] = {}
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 POLICY_VARIABLE = "VAELIB_CPU_THREADS"
@@ -171,7 +178,10 @@ class StepThreads:
     A try is at least ``explore_every`` steps after the last one, and after
     at least ``1 / overhead`` times the extra seconds the last try cost, so
     trying a count that is slow on a busy machine costs at most about
-    ``overhead`` of the loop's time. On leaving, the caller's count is restored.
+    ``overhead`` of the loop's time. A loop over the same work that starts
+    within ``MEMORY_SECONDS`` of the last one's end in this process starts
+    from what that one measured, and keeps to its waiting time before a try.
+    On leaving, the caller's count is restored.
 
     Parameters
     ----------
@@ -215,6 +225,13 @@ class StepThreads:
         # On a machine already busy, a spinning second thread is slow to try:
         # start on one thread and try more only after this many seconds of steps.
         self._busy_delay = BUSY_DELAY if machine_busy() else 0.0
+        self._next_try_clock = 0.0  # ``time.perf_counter()`` before which no count is tried
+        self._key = (self.options, int(work))
+        remembered = _MEMORY.get(self._key) if len(self.options) > 1 else None
+        if remembered is not None and time.perf_counter() - remembered["stamp"] < MEMORY_SECONDS:
+            self.seconds = {n: list(s) for n, s in remembered["seconds"].items()}
+            self._next_try_clock = remembered["next_try_clock"]
+            self._busy_delay = 0.0
         self._before = torch.get_num_threads()
 
     def __enter__(self) -> StepThreads:
@@ -224,6 +241,12 @@ class StepThreads:
     def __exit__(self, *exc: object) -> None:
         if torch.get_num_threads() != self._before:
             torch.set_num_threads(self._before)
+        if len(self.options) > 1 and all(self.seconds.values()):
+            _MEMORY[self._key] = {
+                "seconds": {n: list(s) for n, s in self.seconds.items()},
+                "next_try_clock": self._next_try_clock,
+                "stamp": time.perf_counter(),
+            }
 
     def record(self, n: int, seconds: float) -> None:
         """Add one step's wall time on ``n`` threads (only the last ``trials`` are kept)."""
@@ -257,7 +280,8 @@ class StepThreads:
             return self.options[0] if self.options else torch.get_num_threads()
         if self.steps == 0:
             return self.options[0]  # the warm-up
-        if self.spent < self._next_try_at and all(self.seconds.values()):
+        waiting = self.spent < self._next_try_at or time.perf_counter() < self._next_try_clock
+        if waiting and all(self.seconds.values()):
             return self.choice()
         if self.spent < self._busy_delay:
             return self.options[0]  # the machine was busy: one thread for a while
@@ -296,3 +320,4 @@ class StepThreads:
             self._last_try = self.steps
             extra = max(elapsed - self._median(best), 0.0)
             self._next_try_at = max(self._next_try_at, self.spent + extra / self.overhead)
+            self._next_try_clock = max(self._next_try_clock, time.perf_counter() + extra / self.overhead)
