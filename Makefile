@@ -76,8 +76,9 @@ book: $(STAMP) $(KERNEL_CONFIG) $(MATHJAX)  ## execute the notebooks and build t
 	$(PY) scripts/build_book.py
 	@echo "Open _build/html/index.html"
 
-lint: $(STAMP)  ## ruff (lint and format, notebooks too), nbstripout, whitespace and YAML checks
+lint: $(STAMP)  ## ruff (lint and format, notebooks too), nbstripout, whitespace and YAML checks, mypy --strict
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
+	$(BIN)/mypy
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

@@ -164,8 +164,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "loglik-no-log-k",
         "vaelib/evaluate.py",
-        "out.append(acc - math.log(k))",
-        "out.append(acc)",
+        "log_px = log_sum - math.log(k)",
+        "log_px = log_sum",
         "the importance-sampled log-likelihood without its -log k",
     ),
     Mutation(

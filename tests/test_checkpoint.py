@@ -79,11 +79,22 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
-def test_custom_networks_are_refused_by_save(tmp_path):
-    """A VAE without an MLP config cannot be rebuilt from a file, so save says so up front."""
+def test_custom_networks_load_into_a_model_you_build(tmp_path):
+    """A VAE of custom networks saves; load without a model says to pass one; load(model=) fills it."""
+    torch.manual_seed(0)
     vae = vaelib.VAE(torch.nn.Linear(X_DIM, 4), torch.nn.Linear(2, X_DIM), x_dim=X_DIM, z_dim=2)
-    with pytest.raises(TypeError, match=r"VAE\.mlp"):
-        vaelib.save(vae, tmp_path / "m.pt")
+    vaelib.save(vae, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"networks of your own.*model=vae"):
+        vaelib.load(tmp_path / "m.pt")
+    torch.manual_seed(1)
+    other = vaelib.VAE(torch.nn.Linear(X_DIM, 4), torch.nn.Linear(2, X_DIM), x_dim=X_DIM, z_dim=2)
+    assert not torch.equal(other.encoder.weight, vae.encoder.weight)
+    loaded = vaelib.load(tmp_path / "m.pt", model=other)
+    assert loaded is other
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in vae.state_dict().items())
+    wrong = vaelib.VAE(torch.nn.Linear(X_DIM, 6), torch.nn.Linear(3, X_DIM), x_dim=X_DIM, z_dim=3)
+    with pytest.raises(CheckpointError, match=r"m\.pt: the weights do not fit the model: .* in the file"):
+        vaelib.load(tmp_path / "m.pt", model=wrong)
 
 
 # -- damaged files ------------------------------------------------------------------------

@@ -397,6 +397,13 @@ class _Empty(torch.nn.Module):
         return torch.cat([x[..., :2], x[..., :2]], dim=-1)
 
 
+class _EmptyDecoder(torch.nn.Module):
+    """A decoder of the right output shape, (N, X_DIM) logits, with no parameters."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[..., :1].expand(*z.shape[:-1], X_DIM)
+
+
 FIT_CASES = {
     "seed str": ({"seed": "7"}, TypeError, r"^seed: expected an integer"),
     "seed None": ({"seed": None}, TypeError, r"^seed: expected an integer"),
@@ -418,7 +425,7 @@ def test_fit_refuses_bad_arguments_before_any_work(case, tmp_path, digits):
     kwargs = dict(kwargs)
     vae = tiny()
     if kwargs.pop("vae", None) == "empty":
-        vae = vaelib.VAE(_Empty(), torch.nn.Identity(), x_dim=X_DIM, z_dim=2)
+        vae = vaelib.VAE(_Empty(), _EmptyDecoder(), x_dim=X_DIM, z_dim=2)
     x = digits.clone().requires_grad_(True) if kwargs.pop("train_x", None) == "grad" else digits
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     with pytest.raises(error, match=message):

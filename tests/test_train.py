@@ -171,6 +171,7 @@ def test_training_steps_use_the_asked_matmul_precision(digits, precision):
     plain = small_vae()
     encoder = PrecisionRecorder(plain.encoder)
     vae = vaelib.VAE(encoder, plain.decoder, x_dim=64, z_dim=4)
+    encoder.seen.clear()  # the construction's dry run of the networks
     caller = "high"
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(caller)

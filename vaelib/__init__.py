@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, data, plot, synthesis
+from vaelib import anomaly, callbacks, data, plot, synthesis
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -32,6 +32,7 @@ __all__ = [
     "active_units",
     "anomaly",
     "as_multivariate_normal",
+    "callbacks",
     "data",
     "default_device",
     "elbo_from_log_weights",

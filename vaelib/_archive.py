@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from vaelib._checks import check_architecture
-from vaelib.models import VAE, MLPConfig
+from vaelib._checks import MAX_PARAMETERS, check_architecture
+from vaelib.models import VAE, ConvConfig, MLPConfig
 
 __all__ = ["DTYPES", "ArchiveError", "TensorSpec", "UnsafeGlobal", "check_record", "inspect", "nonfinite", "specs_in"]
 
@@ -180,12 +180,34 @@ def specs_in(obj: Any) -> dict[str, TensorSpec] | None:
     return specs
 
 
-def _recorded_config(record: Any) -> MLPConfig | None:
+def build(config: MLPConfig | ConvConfig) -> VAE:
+    """A fresh VAE of a recorded architecture (:meth:`VAE.mlp` or :meth:`VAE.conv`)."""
+    if isinstance(config, ConvConfig):
+        return VAE.conv(config.x_shape, config.z_dim, config.channels, config.likelihood)  # type: ignore[arg-type]
+    return VAE.mlp(**config.to_dict())
+
+
+def _recorded_conv(config: dict[str, Any]) -> ConvConfig:
+    fields = {key: value for key, value in config.items() if key != "kind"}
+    for key in ("x_shape", "channels"):
+        if not isinstance(fields.get(key), (list, tuple)):
+            raise TypeError(f"{key}: expected a list of sizes, got {fields.get(key)!r:.80}")
+    conv = ConvConfig(**{**fields, "x_shape": tuple(fields["x_shape"]), "channels": tuple(fields["channels"])})
+    with torch.device("meta"):  # counts parameters without memory
+        n = sum(p.numel() for p in build(conv).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"channels, x_shape: {conv} makes {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed")
+    return conv
+
+
+def _recorded_config(record: Any) -> MLPConfig | ConvConfig | None:
     """The architecture a model record claims, checked against limits; ``None`` for custom networks."""
     if not isinstance(record, dict) or record.get("config") is None:
         return None
     config = record["config"]
     try:
+        if isinstance(config, dict) and config.get("kind") == "conv":
+            return _recorded_conv(config)
         if not isinstance(config, dict) or not isinstance(config.get("hidden"), (list, tuple)):
             raise TypeError(f"hidden: expected a list of layer sizes, got {config!r:.80}")
         mlp = MLPConfig(**{**config, "hidden": tuple(config["hidden"])})
@@ -195,7 +217,7 @@ def _recorded_config(record: Any) -> MLPConfig | None:
     return mlp
 
 
-def check_record(record: Any) -> MLPConfig | None:
+def check_record(record: Any) -> MLPConfig | ConvConfig | None:
     """Compare a model record's architecture, dtype and tensor shapes (read or not yet read).
 
     Returns the recorded architecture (``None`` for custom networks, which
@@ -209,7 +231,7 @@ def check_record(record: Any) -> MLPConfig | None:
     if dtype is None:
         raise ArchiveError(f"unsupported parameter dtype {record.get('dtype')!r}")
     with torch.device("meta"):
-        wanted = {name: t.shape for name, t in VAE.mlp(**config.to_dict()).state_dict().items()}
+        wanted = {name: t.shape for name, t in build(config).state_dict().items()}
     specs = specs_in(record.get("state_dict"))
     if specs is None or set(specs) != set(wanted):
         raise ArchiveError(f"the weights do not fit the recorded architecture {config}: other tensor names")

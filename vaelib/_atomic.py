@@ -51,7 +51,7 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...]) -> list[Path]:
     """Remove the temporary files that killed writes of ``names`` left in ``folder``; return them.
 
     Only files whose writer is dead are removed: a temporary named with the
@@ -69,7 +69,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) 
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
     """Write a file with ``write(f)`` to a temporary name beside ``path``, then rename it into place.
 
     A process killed at any moment leaves either the previous file or the new

@@ -53,7 +53,7 @@ def check_seed(value: object, name: str = "seed") -> int:
     """Return ``value`` if it is an integer in [0, 2**64 - 1], else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer in [0, 2**64 - 1], got {value!r}")
-    if not 0 <= value <= MAX_SEED:
+    if not 0 <= int(value) <= MAX_SEED:
         raise ValueError(f"{name}: expected an integer in [0, 2**64 - 1] (64 bits), got {value}")
     return int(value)
 
@@ -107,24 +107,41 @@ def as_tensor(x: object, name: str) -> Tensor:
     return t
 
 
-def check_data(x: object, name: str, *, x_dim: int, likelihood: str) -> Tensor:
-    """Validate a data matrix for a model with ``x_dim`` features.
+def check_data(
+    x: object,
+    name: str,
+    *,
+    x_dim: int | None = None,
+    likelihood: str,
+    event_shape: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Validate data for a model whose data points have shape ``event_shape`` (or ``(x_dim,)``).
 
     Raises
     ------
     TypeError
         If ``x`` is not a tensor or array.
     ValueError
-        If ``x`` is empty, not of shape ``(n, x_dim)``, holds NaN or infinite
-        values, or lies outside [0, 1] while the likelihood is Bernoulli.
+        If ``x`` is empty, not of shape ``(n, *event_shape)``, holds NaN or
+        infinite values, or lies outside [0, 1] while the likelihood is Bernoulli.
     """
+    if event_shape is None:
+        if x_dim is None:
+            raise TypeError("check_data: give x_dim or event_shape")
+        event_shape = (x_dim,)
+    event_shape = tuple(event_shape)
     t = as_tensor(x, name)
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-d array of shape (n, {x_dim}), got shape {tuple(t.shape)}")
+    expected = f"(n, {', '.join(str(d) for d in event_shape)})"
+    if t.dim() != 1 + len(event_shape):
+        raise ValueError(
+            f"{name}: expected a {1 + len(event_shape)}-d array of shape {expected}, got shape {tuple(t.shape)}"
+        )
     if t.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one row, got an empty array of shape {tuple(t.shape)}")
-    if t.shape[1] != x_dim:
-        raise ValueError(f"{name}: expected {x_dim} features per row (the model's x_dim), got {t.shape[1]}")
+    if len(event_shape) == 1 and t.shape[1] != event_shape[0]:
+        raise ValueError(f"{name}: expected {event_shape[0]} features per row (the model's x_dim), got {t.shape[1]}")
+    if tuple(t.shape[1:]) != event_shape:
+        raise ValueError(f"{name}: expected shape {expected} (the model's x_shape), got {tuple(t.shape)}")
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())

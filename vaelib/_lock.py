@@ -40,7 +40,7 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     """Hold an exclusive lock on the lock file ``path`` for the block; raise :class:`RunLocked` if taken.
 
     Parameters

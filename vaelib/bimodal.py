@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +96,7 @@ class Bimodal:
             raise ValueError(f"grid_size: expected at least 101 nodes, got {self.grid_size}")
 
     @staticmethod
-    def gaussian(loc: Tensor | float, scale: Tensor | float) -> Independent:
+    def gaussian(loc: Tensor | float, scale: Tensor | float) -> Independent[Any]:
         """:math:`q(z) = \\mathcal{N}(m, s^2)` with batch shape ``loc.shape`` and event shape ``(1,)``."""
         loc = torch.as_tensor(loc, dtype=torch.float64)
         scale = torch.as_tensor(scale, dtype=torch.float64)
@@ -104,18 +105,19 @@ class Bimodal:
         return Independent(Normal(loc[..., None], scale[..., None]), 1)
 
     @property
-    def prior(self) -> Independent:
+    def prior(self) -> Independent[Any]:
         """:math:`p(z) = \\mathcal{N}(0, 1)`, event shape ``(1,)``."""
         zeros = torch.zeros(1, dtype=torch.float64)
         return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
 
-    def likelihood(self, z: Tensor) -> Independent:
+    def likelihood(self, z: Tensor) -> Independent[Any]:
         """:math:`p(x \\mid z) = \\mathcal{N}(z^2, \\sigma^2)`; ``z`` (..., 1) gives batch shape ``(...)``."""
         return Independent(Normal(z**2, self.noise_std), 1)
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """:math:`\\log p(z) + \\log p(x \\mid z)`; ``z`` (..., batch, 1) and ``x`` (batch, 1) give (..., batch)."""
-        return self.prior.log_prob(z) + self.likelihood(z).log_prob(x)
+        out: Tensor = self.prior.log_prob(z) + self.likelihood(z).log_prob(x)
+        return out
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` pairs from the joint: returns ``x`` (n, 1) and ``z`` (n, 1)."""
@@ -177,7 +179,7 @@ class Bimodal:
         mean = (p * z).sum(0)
         return mean, (p * (z - mean) ** 2).sum(0)
 
-    def moment_matched(self, x: Tensor) -> Independent:
+    def moment_matched(self, x: Tensor) -> Independent[Any]:
         """The Gaussian minimizing :math:`\\mathrm{KL}(p(z \\mid x) \\,\\|\\, q)`: the posterior's mean and variance.
 
         For an exponential family :math:`q`, the stationarity condition of the

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vaelib._checks import check_positive_int
+from vaelib._checks import check_nonnegative_int, check_positive_int
 
 __all__ = ["elbo_from_log_weights", "iwae_from_log_weights", "log_weights"]
 
@@ -97,6 +97,8 @@ def log_weights(
     q: Distribution,
     log_joint: Callable[[Tensor, Tensor], Tensor],
     k: int = 1,
+    *,
+    seed: int | None = None,
 ) -> Tensor:
     """Draw ``k`` reparameterized samples from ``q`` and return their log weights.
 
@@ -118,6 +120,9 @@ def log_weights(
         for ``z`` of shape ``(k, batch, z_dim)``.
     k : int
         Number of importance samples.
+    seed : int, optional
+        Draw the samples from a generator seeded with ``seed`` (the caller's
+        random state is left untouched); by default from the global generator.
 
     Returns
     -------
@@ -128,5 +133,12 @@ def log_weights(
     Kingma and Welling (2013), section 2.4 (the reparameterization trick).
     """
     check_positive_int(k, "k")
-    z = q.rsample((k,))  # (k, batch, z_dim)
+    if seed is None:
+        z = q.rsample((k,))  # (k, batch, z_dim)
+    else:
+        check_nonnegative_int(seed, "seed")
+        cuda = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            z = q.rsample((k,))  # (k, batch, z_dim)
     return log_joint(x, z) - q.log_prob(z)  # (k, batch)

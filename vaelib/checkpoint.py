@@ -54,7 +54,7 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that cannot be used, with the reason."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
+def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "checkpoint") -> Path:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`).
 
     The archive is built in memory and then written, so a failing file system
@@ -122,7 +122,7 @@ def _checked(path: Path, check: Callable[..., Any], *args: Any) -> Any:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a file written by vaelib with ``weights_only=True``; raise ``CheckpointError`` if unusable.
 
     Before any tensor is read, the zip archive's members must be stored
@@ -174,17 +174,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
             "so it cannot be loaded or resumed"
         )
-    return obj
+    checked: dict[str, Any] = obj
+    return checked
 
 
-def model_record(vae: VAE) -> dict:
+def model_record(vae: VAE) -> dict[str, Any]:
     """The architecture and weights of a VAE as plain data (``config`` is ``None`` for custom networks)."""
     state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
     config = vae.config.to_dict() if vae.config is not None else None
     return {"config": config, "state_dict": state, "dtype": str(vae._dtype())}
 
 
-def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE:
+def model_from_record(record: dict[str, Any], path: str | os.PathLike[str] = "<record>") -> VAE:
     """Rebuild a VAE from :func:`model_record` output; errors name ``path``.
 
     The recorded architecture is checked against limits and against the
@@ -192,12 +193,12 @@ def model_from_record(record: dict, path: str | os.PathLike = "<record>") -> VAE
     """
     if not isinstance(record, dict) or record.get("config") is None:
         raise CheckpointError(
-            f"{path}: holds no architecture (a model with custom networks); "
-            "build the model yourself and load record['state_dict'] into it"
+            f"{path}: holds no architecture (a model with networks of your own); "
+            "build the model and pass it: vaelib.load(path, model=vae)"
         )
     config = _checked(Path(path), _archive.check_record, record)  # before anything is built
     dtype = _archive.DTYPES[str(record.get("dtype", "torch.float32"))]
-    vae = VAE.mlp(**config.to_dict()).to(dtype)
+    vae = _archive.build(config).to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:
@@ -211,25 +212,38 @@ def _first_line(err: BaseException) -> str:
 
 
 def write_training_checkpoint(
-    path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, history: History, settings: dict
+    path: str | os.PathLike[str],
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    history: History,
+    settings: dict[str, Any],
+    scheduler: Any = None,
 ) -> Path:
-    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer state, history, settings."""
-    return atomic_save(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "checkpoint",
-            "model": model_record(vae),
-            "optimizer": opt.state_dict(),
-            "epoch": len(history),
-            "history": history.to_dict(),
-            "settings": settings,
-        },
-        path,
-    )
+    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer (and scheduler) state,
+    history, settings."""
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "model": model_record(vae),
+        "optimizer": opt.state_dict(),
+        "epoch": len(history),
+        "history": history.to_dict(),
+        "settings": settings,
+    }
+    if scheduler is not None:
+        record["scheduler"] = scheduler.state_dict()
+    return atomic_save(record, path)
 
 
-def verify_training_checkpoint(path: str | os.PathLike, vae: VAE, settings: dict, *, epochs: int | None = None) -> dict:
+def verify_training_checkpoint(
+    path: str | os.PathLike[str],
+    vae: VAE,
+    settings: dict[str, Any],
+    *,
+    epochs: int | None = None,
+    scheduler: Any = None,
+) -> dict[str, Any]:
     """Check that the checkpoint at ``path`` can resume training ``vae`` with ``settings``; change nothing.
 
     Returns the checkpoint's contents, for :func:`read_training_checkpoint`.
@@ -260,12 +274,12 @@ def verify_training_checkpoint(path: str | os.PathLike, vae: VAE, settings: dict
     mine = vae.config.to_dict() if vae.config is not None else None
     theirs = record.get("config")
     if mine is not None and theirs != mine:
-        diff = (
+        arch_diff: object = (
             {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             if isinstance(theirs, dict)
             else theirs
         )
-        raise CheckpointError(f"{path}: written for another architecture (saved, now): {diff}")
+        raise CheckpointError(f"{path}: written for another architecture (saved, now): {arch_diff}")
     dtype = str(vae._dtype())
     if record.get("dtype", dtype) != dtype:
         raise CheckpointError(f"{path}: written for {record.get('dtype')} parameters, but the model's are {dtype}")
@@ -285,13 +299,22 @@ def verify_training_checkpoint(path: str | os.PathLike, vae: VAE, settings: dict
             f"epochs: {path} already holds {saved['epoch']} epochs, more than the {epochs} asked for; "
             f"ask for {saved['epoch']} or more to continue it"
         )
+    if scheduler is not None and not isinstance(saved.get("scheduler"), dict):
+        raise CheckpointError(f"{path}: the checkpoint holds no learning-rate scheduler state to resume")
     return saved
 
 
 def read_training_checkpoint(
-    path: str | os.PathLike, vae: VAE, opt: torch.optim.Optimizer, settings: dict, *, epochs: int | None = None
+    path: str | os.PathLike[str],
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    settings: dict[str, Any],
+    *,
+    epochs: int | None = None,
+    scheduler: Any = None,
 ) -> History:
-    """Restore ``vae`` and ``opt`` from a checkpoint of :func:`~vaelib.train.fit` and return its history.
+    """Restore ``vae``, ``opt`` (and ``scheduler``) from a checkpoint of :func:`~vaelib.train.fit`;
+    return its history.
 
     Raises
     ------
@@ -299,36 +322,71 @@ def read_training_checkpoint(
         As :func:`verify_training_checkpoint`. Nothing is changed in that case.
     """
     path = Path(path)
-    saved = verify_training_checkpoint(path, vae, settings, epochs=epochs)
+    saved = verify_training_checkpoint(path, vae, settings, epochs=epochs, scheduler=scheduler)
     try:
         history = History.from_dict(saved["history"])
         opt.load_state_dict(saved["optimizer"])  # checks its groups before changing anything
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
         vae.load_state_dict(saved["model"]["state_dict"])  # cannot fail: names and shapes were checked
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: the checkpoint is damaged: {_first_line(err)}") from err
     return history
 
 
-def save(vae: VAE, path: str | os.PathLike) -> Path:
-    """Save a VAE with its architecture, atomically.
+def save(vae: VAE, path: str | os.PathLike[str]) -> Path:
+    """Save a VAE, atomically: its weights, and its architecture when vaelib built it.
 
     Parameters
     ----------
     vae : VAE
-        A model built with :meth:`~vaelib.models.VAE.mlp`.
+        A model from :meth:`~vaelib.models.VAE.mlp` or :meth:`~vaelib.models.VAE.conv`,
+        which :func:`load` rebuilds from the file alone, or one with networks of
+        your own, which ``load(path, model=...)`` fills.
     path : path-like
         Destination file; its folder is created if needed.
     """
-    if vae.config is None:
-        raise TypeError(
-            "vae: save() needs a model built with VAE.mlp, whose architecture it can record; "
-            "for custom networks save vae.state_dict() with torch.save instead"
+    if not isinstance(vae, VAE):
+        raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", **model_record(vae)}
+    record["x_shape"] = list(vae.x_shape)  # for the reader's information
+    return atomic_save(record, path)
+
+
+def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Load the record's weights into ``model``, after checking names and shapes; errors name ``path``."""
+    state = record.get("state_dict")
+    mine = model.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the file holds no weights")
+    if set(state) != set(mine):
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model: missing in the file {missing}, not in the model {extra}"
         )
-    return atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", **model_record(vae)}, path)
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.shape != mine[name].shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(
+                f"{path}: the weights do not fit the model: {name} is {shape} in the file, "
+                f"{tuple(mine[name].shape)} in the model"
+            )
+    model.load_state_dict(state)
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VAE:
+def load(path: str | os.PathLike[str], *, model: VAE | None = None, device: str | torch.device | None = None) -> VAE:
     """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.train.fit`.
+
+    Parameters
+    ----------
+    path : path-like
+    model : VAE, optional
+        A model you built, of the saved architecture: the weights are loaded
+        into it (needed for networks of your own; checked name by name and
+        shape by shape).
+    device : str or torch.device, optional
+        Where to put the model: the CPU for a rebuilt model and the model's own
+        device for ``model`` by default.
 
     Raises
     ------
@@ -337,13 +395,18 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VAE:
     CheckpointError
         If the file is empty, truncated, corrupt, crafted, unsafe to unpickle, not
         a vaelib file, holds NaN or infinite weights, or its weights do not fit
-        its architecture. The message names the file.
+        its architecture (or ``model``). The message names the file.
     ValueError
         If ``device`` is not a device of this machine (checked first).
     """
     from vaelib.train import resolve_device  # here: vaelib.train imports this module
 
-    dev = resolve_device(device)
+    if model is not None and not isinstance(model, VAE):
+        raise TypeError(f"model: expected a vaelib.VAE to load the weights into, got {type(model).__name__}")
+    dev = resolve_device(device) if device is not None else None
     obj = read_checkpoint(path)
     record = obj["model"] if obj.get("kind") == "checkpoint" else obj
-    return model_from_record(record, path).to(dev)
+    if model is None:
+        return model_from_record(record, path).to(dev if dev is not None else "cpu")
+    _load_into(model, record, path)
+    return model.to(dev) if dev is not None else model

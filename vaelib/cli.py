@@ -29,6 +29,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ errors print one line and exit with status 2; an interrupted run exits with 130
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the usage block
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -72,7 +73,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False:  # required options, flags
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -159,11 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    def write(f: BinaryIO) -> None:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+    atomic_write(path, write)
 
 
-def _read_run(path: Path) -> dict:
+def _read_run(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
         if not (isinstance(config, dict) and config.get("format") == "vaelib-run" and "data" in config):
@@ -177,10 +181,12 @@ def _read_run(path: Path) -> dict:
 
 def _load_data(data: str, root: str | None, download: bool) -> tuple[Tensor, Tensor]:
     if data == "digits":
-        return load_digits()
+        train, test = load_digits()
+        return train, test
     if root is None:
         raise ValueError("--root: --data mnist needs the folder of the MNIST files (add --download to fetch them)")
-    return load_mnist(root, download=download)
+    train, test = load_mnist(root, download=download)
+    return train, test
 
 
 def _test_set(test_x: Tensor, likelihood: str, seed: int) -> Tensor:
@@ -286,7 +292,7 @@ def _train_locked(
     args: argparse.Namespace,
     out: Path,
     checkpoint: Path,
-    config: dict,
+    config: dict[str, Any],
     device: torch.device,
     train_x: Tensor,
     test_x: Tensor,
@@ -327,7 +333,7 @@ def _train_locked(
         torch.manual_seed(args.seed)
         test_bound = torch.cat([bound(vae, xb, args.objective, args.k, args.analytic_kl) for xb in test.split(1000)])
         ll = log_likelihood(vae, test, k=args.test_k, progress=show_bar).double().cpu()
-    metrics = {
+    metrics: dict[str, Any] = {
         "settings": config,
         "history": history.to_dict(),
         "test_bound": {"objective": args.objective, "k": args.k, "nats": float(test_bound.mean())},
@@ -416,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _STOP.installed():
-            return args.func(args)
+            code: int = args.func(args)
+            return code
     except KeyboardInterrupt:
         how = f"stopped by {_STOP.name}" if _STOP.signum else "interrupted"
         print(f"vaelib {args.command}: {how}", file=sys.stderr)

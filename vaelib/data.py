@@ -105,7 +105,7 @@ def _read_bounded(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, ...], i
     with os.fdopen(fd, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw  # type: ignore[assignment]
         try:
             data = _read_exact(stream, 8)
             if len(data) < 8:
@@ -137,7 +137,7 @@ def _read_bounded(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, ...], i
     return data, shape, header
 
 
-def read_idx(path: str | os.PathLike, *, sha256: str | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, sha256: str | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into a uint8 array.
 
     The format (LeCun et al., "The MNIST database"): a big-endian header, the
@@ -205,7 +205,7 @@ def _download(
 
 
 def load_mnist(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     download: bool = False,
     *,
     checksums: dict[str, str] | None = MNIST_SHA256,
@@ -221,7 +221,7 @@ def load_mnist(
         Folder holding the four ``*-ubyte.gz`` files.
     download : bool
         Fetch missing files from ``mirrors`` (each verified before it is kept).
-    checksums : dict, optional
+    checksums : dict[str, Any], optional
         Expected SHA-256 of each decompressed file; ``None`` skips verification
         (for files you made yourself).
     mirrors : tuple of str

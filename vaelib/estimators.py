@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -33,13 +33,26 @@ from vaelib.models import VAE
 from vaelib.threads import StepThreads, cpu_threads, matmul_work
 from vaelib.toy import as_multivariate_normal
 
-__all__ = ["ESTIMATORS", "GradientStatistics", "elbo_surrogate", "gradient_samples", "gradient_statistics", "kl"]
+__all__ = [
+    "ESTIMATORS",
+    "GradientStatistics",
+    "LatentModel",
+    "elbo_surrogate",
+    "gradient_samples",
+    "gradient_statistics",
+    "kl",
+]
 
 ESTIMATORS = ("reparameterization", "score", "analytic_kl")
+Estimator = Literal["reparameterization", "score", "analytic_kl"]
 
 
 class LatentModel(Protocol):
-    """Anything with a prior over z and a joint density (``LinearGaussian``, ``VAE``)."""
+    """Anything with a prior over z and a joint density (``LinearGaussian``, ``VAE``, your own model).
+
+    The ``"analytic_kl"`` estimator also needs the likelihood :math:`p(x \\mid z)`, as
+    ``decode(z)`` or ``likelihood(z)``, returning a distribution.
+    """
 
     @property
     def prior(self) -> Distribution: ...
@@ -48,9 +61,18 @@ class LatentModel(Protocol):
 
 
 def _likelihood(model: LatentModel, z: Tensor) -> Distribution:
-    if isinstance(model, VAE):
-        return model.decode(z)
-    return model.likelihood(z)  # type: ignore[attr-defined]
+    decode = getattr(model, "decode", None)
+    if isinstance(model, VAE) or callable(decode):
+        decoded: Distribution = model.decode(z)  # type: ignore[attr-defined]
+        return decoded
+    likelihood = getattr(model, "likelihood", None)
+    if not callable(likelihood):
+        raise TypeError(
+            f"model: the analytic_kl estimator needs model.decode(z) or model.likelihood(z), "
+            f"which {type(model).__name__} lacks"
+        )
+    out: Distribution = likelihood(z)
+    return out
 
 
 def kl(q: Distribution, p: Distribution) -> Tensor:
@@ -67,7 +89,7 @@ def elbo_surrogate(
     model: LatentModel,
     k: int = 1,
     *,
-    estimator: str = "reparameterization",
+    estimator: Estimator = "reparameterization",
 ) -> Tensor:
     """A surrogate of the ELBO whose gradient is the chosen estimator.
 
@@ -76,8 +98,10 @@ def elbo_surrogate(
     x : Tensor, shape (batch, x_dim)
     q : Distribution
         Approximate posterior, batch shape ``(batch,)``, event shape ``(z_dim,)``.
-    model : LinearGaussian or VAE
-        Supplies ``prior``, ``log_joint`` and the likelihood.
+    model : LatentModel
+        Supplies ``prior`` and ``log_joint`` (and, for ``"analytic_kl"``, the
+        likelihood as ``decode(z)`` or ``likelihood(z)``): a ``LinearGaussian``,
+        a ``VAE`` or any model of the same shape.
     k : int
         Samples per data point.
     estimator : {"reparameterization", "score", "analytic_kl"}
@@ -108,7 +132,7 @@ def gradient_samples(
     make_q: Callable[..., Distribution],
     model: LatentModel,
     *,
-    estimator: str | Callable[..., Tensor],
+    estimator: Estimator | Callable[..., Tensor],
     n: int,
     k: int = 1,
     batched: bool = False,

@@ -30,6 +30,8 @@ class History:
         Wall time of each epoch.
     interrupted : bool
         Set when a ``KeyboardInterrupt`` stopped training early.
+    stopped : str, optional
+        The callback that stopped training early (e.g. ``EarlyStopping``), or ``None``.
     """
 
     objective: str = "elbo"
@@ -39,6 +41,7 @@ class History:
     valid_bound: list[float | None] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     interrupted: bool = False
+    stopped: str | None = None
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -72,11 +75,18 @@ class History:
 
     def plot(self, ax: Axes | None = None) -> Axes:
         """Draw the training (and validation) bound against the epoch."""
-        import matplotlib.pyplot as plt
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError(
+                "History.plot needs matplotlib: install it with `pip install matplotlib` "
+                "(or `pip install vaelib[plot]`)"
+            ) from err
 
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.5))
-        label = "ELBO" if self.objective == "elbo" else f"IWAE bound (k={self.k})"
+        labels = {"elbo": "ELBO", "iwae": f"IWAE bound (k={self.k})"}
+        label = labels.get(self.objective, self.objective)
         ax.plot(self.epoch, self.train_bound, label=f"train {label}")
         if any(v is not None for v in self.valid_bound):
             epochs = [e for e, v in zip(self.epoch, self.valid_bound, strict=True) if v is not None]

@@ -17,7 +17,9 @@ Kingma and Welling (2019), "An Introduction to Variational Autoencoders".
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,13 +28,22 @@ from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 from vaelib._checks import LIKELIHOODS, check_choice, check_positive_int
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 
-__all__ = ["VAE", "MLPConfig"]
+__all__ = ["VAE", "ConvConfig", "MLPConfig", "NetworkShapeError"]
+
+Likelihood = Literal["bernoulli", "gaussian"]
+Activation = Literal["tanh", "relu"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 # Smallest standard deviation of a Gaussian decoder: keeps log p(x | z) finite
 # on pixels that are constant in the data (the border of the digits).
 MIN_DECODER_SCALE = 1e-3
+# Smallest standard deviation of q(z | x): keeps log q(z | x) finite.
+MIN_ENCODER_SCALE = 1e-6
+
+
+class NetworkShapeError(ValueError):
+    """An encoder or decoder whose output has the wrong shape for the VAE it is part of."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,43 @@ class MLPConfig:
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         check_choice(self.likelihood, "likelihood", LIKELIHOODS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Architecture of a convolutional VAE; enough to rebuild it from a file."""
+
+    x_shape: tuple[int, int, int]
+    z_dim: int
+    channels: tuple[int, ...] = (32, 64)
+    likelihood: str = "bernoulli"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "x_shape", tuple(self.x_shape))
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if len(self.x_shape) != 3:
+            raise ValueError(f"x_shape: expected (channels, height, width), got {self.x_shape}")
+        for d in self.x_shape:
+            check_positive_int(d, "x_shape")
+        check_positive_int(self.z_dim, "z_dim")
+        if not self.channels:
+            raise ValueError("channels: expected at least one convolutional layer")
+        for c in self.channels:
+            check_positive_int(c, "channels")
+        factor = 2 ** len(self.channels)
+        if self.x_shape[1] % factor or self.x_shape[2] % factor:
+            raise ValueError(
+                f"x_shape: height and width must be divisible by {factor} (one halving per layer of "
+                f"channels={self.channels}), got {self.x_shape[1:]}"
+            )
+        check_choice(self.likelihood, "likelihood", LIKELIHOODS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "conv", **asdict(self), "x_shape": list(self.x_shape), "channels": list(self.channels)}
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -69,27 +113,67 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _conv_networks(config: ConvConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """Stride-2 convolutions down, a linear layer to the latent, and the mirror image up."""
+    c, h, w = config.x_shape
+    channels = [c, *config.channels]
+    down: list[nn.Module] = []
+    for c_in, c_out in itertools.pairwise(channels):
+        down += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+    factor = 2 ** len(config.channels)
+    inner = (channels[-1], h // factor, w // factor)  # the smallest feature map
+    encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(math.prod(inner), 2 * config.z_dim))
+    out = c if config.likelihood == "bernoulli" else 2 * c
+    up: list[nn.Module] = [nn.Linear(config.z_dim, math.prod(inner)), nn.ReLU(), nn.Unflatten(1, inner)]
+    rev = list(reversed(channels))
+    for i, (c_in, c_out) in enumerate(itertools.pairwise(rev)):
+        last = i == len(rev) - 2
+        up.append(nn.ConvTranspose2d(c_in, out if last else c_out, kernel_size=4, stride=2, padding=1))
+        if not last:
+            up.append(nn.ReLU())
+    return encoder, nn.Sequential(*up)
+
+
 class VAE(nn.Module):
     """A VAE built from any encoder and decoder networks.
+
+    The networks see what they would in a plain training loop: the encoder a
+    batch of data points, the decoder a batch of latent vectors (the ``k``
+    importance samples of each data point folded into the batch, and unfolded
+    again after).
 
     Parameters
     ----------
     encoder : nn.Module
-        Maps ``x`` of shape ``(..., x_dim)`` to ``(..., 2 * z_dim)``: the mean and
-        the pre-softplus standard deviation of :math:`q_\\phi(z \\mid x)`.
+        Maps ``x`` of shape ``(batch, *x_shape)`` to ``(batch, 2 * z_dim)``: the
+        mean and the raw (pre-softplus) standard deviation of :math:`q_\\phi(z \\mid x)`.
     decoder : nn.Module
-        Maps ``z`` of shape ``(..., z_dim)`` to ``(..., x_dim)`` logits for a
-        Bernoulli likelihood, or ``(..., 2 * x_dim)`` (mean, pre-softplus
-        standard deviation) for a Gaussian one.
-    x_dim, z_dim : int
-        Data and latent dimensions.
+        Maps ``z`` of shape ``(N, z_dim)`` to ``(N, *x_shape)`` logits for a
+        Bernoulli likelihood; for a Gaussian one, to the same shape with the
+        first data dimension doubled, ``(N, 2 * x_shape[0], *x_shape[1:])``
+        (means, then raw standard deviations; ``(N, 2 * x_dim)`` for flat data).
+    x_shape : tuple of int, optional
+        Shape of one data point, e.g. ``(1, 28, 28)``; give this or ``x_dim``.
+    x_dim : int, optional
+        Size of a flat data point, the same as ``x_shape=(x_dim,)``.
+    z_dim : int
+        Latent dimension.
     likelihood : {"bernoulli", "gaussian"}
         Family of :math:`p_\\theta(x \\mid z)`.
 
+    Raises
+    ------
+    NetworkShapeError
+        If a dry run on a batch of two (at construction) gives an output of the
+        wrong shape; the message names the network and both shapes.
+
     Notes
     -----
-    Use :meth:`VAE.mlp` for the fully connected networks of the book; pass your
-    own modules for anything else (convolutions, other data).
+    Standard deviations are parameterized as :math:`\\sigma = \\operatorname{softplus}(s) + \\sigma_{\\min}`
+    of the network's raw output :math:`s`, with :math:`\\sigma_{\\min}` = ``MIN_ENCODER_SCALE``
+    (1e-6) for :math:`q` and ``MIN_DECODER_SCALE`` (1e-3) for a Gaussian decoder.
+    Use :meth:`VAE.mlp` or :meth:`VAE.conv` for ready networks; pass your own
+    modules for anything else.
     """
 
     def __init__(
@@ -97,19 +181,61 @@ class VAE(nn.Module):
         encoder: nn.Module,
         decoder: nn.Module,
         *,
-        x_dim: int,
+        x_shape: tuple[int, ...] | None = None,
+        x_dim: int | None = None,
         z_dim: int,
-        likelihood: str = "bernoulli",
+        likelihood: Likelihood = "bernoulli",
     ) -> None:
         super().__init__()
+        if (x_shape is None) == (x_dim is None):
+            raise TypeError("x_shape: give exactly one of x_shape (e.g. (1, 28, 28)) and x_dim (flat data)")
+        if x_shape is None:
+            x_shape = (check_positive_int(x_dim, "x_dim"),)
+        if isinstance(x_shape, int) or not all(isinstance(d, int) and d >= 1 for d in x_shape) or not x_shape:
+            raise ValueError(f"x_shape: expected a tuple of positive integers, got {x_shape!r}")
         self.encoder = encoder
         self.decoder = decoder
-        self.x_dim = check_positive_int(x_dim, "x_dim")
+        self.x_shape: tuple[int, ...] = tuple(int(d) for d in x_shape)
+        self.x_dim = math.prod(self.x_shape)
         self.z_dim = check_positive_int(z_dim, "z_dim")
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
-        self.config: MLPConfig | None = None
+        self.config: MLPConfig | ConvConfig | None = None
         # A buffer, so the prior follows the model's device and dtype.
         self.register_buffer("_prior_loc", torch.zeros(z_dim))
+        self._check_networks()
+
+    @property
+    def decoder_shape(self) -> tuple[int, ...]:
+        """The decoder's output shape per latent vector."""
+        if self.likelihood == "bernoulli":
+            return self.x_shape
+        return (2 * self.x_shape[0], *self.x_shape[1:])
+
+    @torch.no_grad()
+    def _check_networks(self) -> None:
+        """A dry run on a batch of two, in eval mode: each network's output must have the expected shape."""
+        p = next(itertools.chain(self.encoder.parameters(), self.decoder.parameters()), None)
+        device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+        was_training = self.training
+        self.eval()
+        try:
+            for name, net, x, expected in (
+                ("encoder", self.encoder, torch.zeros(2, *self.x_shape), (2, 2 * self.z_dim)),
+                ("decoder", self.decoder, torch.zeros(2, self.z_dim), (2, *self.decoder_shape)),
+            ):
+                out = net(x.to(device, dtype))
+                if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise NetworkShapeError(
+                        f"{name}: for input of shape {tuple(x.shape)} expected output of shape {expected}, got {got}"
+                        + (
+                            " (a Gaussian decoder doubles the first data dimension)"
+                            if name == "decoder" and self.likelihood == "gaussian"
+                            else ""
+                        )
+                    )
+        finally:
+            self.train(was_training)
 
     @classmethod
     def mlp(
@@ -117,8 +243,8 @@ class VAE(nn.Module):
         x_dim: int,
         z_dim: int,
         hidden: tuple[int, ...] = (200, 200),
-        activation: str = "tanh",
-        likelihood: str = "bernoulli",
+        activation: Activation = "tanh",
+        likelihood: Likelihood = "bernoulli",
     ) -> VAE:
         """Fully connected encoder and decoder with the same hidden sizes.
 
@@ -133,43 +259,83 @@ class VAE(nn.Module):
         model.config = config
         return model
 
+    @classmethod
+    def conv(
+        cls,
+        x_shape: tuple[int, int, int] = (1, 28, 28),
+        z_dim: int = 16,
+        channels: tuple[int, ...] = (32, 64),
+        likelihood: Likelihood = "bernoulli",
+    ) -> VAE:
+        """A convolutional encoder and its transposed mirror as decoder, for images ``(C, H, W)``.
+
+        Each entry of ``channels`` is a 4x4 convolution of stride 2 with a ReLU,
+        halving the height and width (28 -> 14 -> 7, or 8 -> 4 -> 2); a linear
+        layer maps the last feature map to the mean and raw scale of
+        :math:`q(z \\mid x)`, and the decoder runs the same way back with
+        transposed convolutions. ``VAE.conv((1, 8, 8), 8)`` fits the digits.
+
+        References
+        ----------
+        Radford, Metz and Chintala (2016), "DCGAN", the all-convolutional stride-2 design.
+        """
+        config = ConvConfig(tuple(x_shape), z_dim, tuple(channels), likelihood)  # type: ignore[arg-type]
+        encoder, decoder = _conv_networks(config)
+        model = cls(encoder, decoder, x_shape=config.x_shape, z_dim=z_dim, likelihood=likelihood)
+        model.config = config
+        return model
+
     # -- the three distributions ----------------------------------------------------
 
     @property
-    def prior(self) -> Independent:
+    def prior(self) -> Independent[Any]:
         """:math:`p(z) = \\mathcal{N}(0, I)`, event shape ``(z_dim,)``."""
-        loc = self._prior_loc
+        loc: Tensor = self._prior_loc  # type: ignore[assignment]
         return Independent(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
 
-    def encode(self, x: Tensor) -> Independent:
-        """:math:`q_\\phi(z \\mid x)`, a diagonal Gaussian with batch shape ``x.shape[:-1]``."""
-        h = self.encoder(x)  # (..., 2 * z_dim)
-        loc, raw_scale = h.chunk(2, dim=-1)  # (..., z_dim) each
-        scale = nn.functional.softplus(raw_scale) + 1e-6
-        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+    def encode(self, x: Tensor) -> Independent[Any]:
+        """:math:`q_\\phi(z \\mid x)`, a diagonal Gaussian with batch shape ``x.shape[:-len(x_shape)]``.
 
-    def decode(self, z: Tensor) -> Independent:
-        """:math:`p_\\theta(x \\mid z)`, batch shape ``z.shape[:-1]``, event shape ``(x_dim,)``.
-
-        The Bernoulli is built with ``validate_args=False`` so that grey values in
-        [0, 1] score as a cross-entropy; binarize data for a true likelihood.
+        The scale is :math:`\\operatorname{softplus}(s) + 10^{-6}` of the encoder's raw output :math:`s`.
         """
-        h = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return Independent(Bernoulli(logits=h, validate_args=False), 1, validate_args=False)
-        loc, raw_scale = h.chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw_scale) + MIN_DECODER_SCALE
+        batch = x.shape[: x.dim() - len(self.x_shape)]
+        h = self.encoder(x.reshape(-1, *self.x_shape))  # (N, 2 * z_dim)
+        h = h.reshape(*batch, 2 * self.z_dim)  # (*batch, 2 * z_dim)
+        loc, raw_scale = h.chunk(2, dim=-1)  # (*batch, z_dim) each
+        scale = nn.functional.softplus(raw_scale) + MIN_ENCODER_SCALE
         return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+    def decode(self, z: Tensor) -> Independent[Any]:
+        """:math:`p_\\theta(x \\mid z)`, batch shape ``z.shape[:-1]``, event shape ``x_shape``.
+
+        The decoder sees ``z`` flattened to ``(N, z_dim)``. The Bernoulli is built
+        with ``validate_args=False`` so that grey values in [0, 1] score as a
+        cross-entropy; binarize data for a true likelihood. A Gaussian's scale is
+        :math:`\\operatorname{softplus}(s) + 10^{-3}` (``MIN_DECODER_SCALE``).
+        """
+        batch = z.shape[:-1]
+        h = self.decoder(z.reshape(-1, self.z_dim))  # (N, *decoder_shape)
+        h = h.reshape(*batch, *self.decoder_shape)  # (*batch, *decoder_shape)
+        n_event = len(self.x_shape)
+        if self.likelihood == "bernoulli":
+            return Independent(Bernoulli(logits=h, validate_args=False), n_event, validate_args=False)
+        loc, raw_scale = h.chunk(2, dim=-n_event)  # (*batch, *x_shape) each
+        scale = nn.functional.softplus(raw_scale) + MIN_DECODER_SCALE
+        return Independent(Normal(loc, scale, validate_args=False), n_event, validate_args=False)
 
     # -- bounds ---------------------------------------------------------------------
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """:math:`\\log p(z) + \\log p_\\theta(x \\mid z)`; ``z`` (k, batch, z_dim) gives (k, batch)."""
-        return self.prior.log_prob(z) + self.decode(z).log_prob(x)
+        out: Tensor = self.prior.log_prob(z) + self.decode(z).log_prob(x)
+        return out
 
-    def log_weights(self, x: Tensor, k: int = 1) -> Tensor:
-        """Log importance weights :math:`\\log p(x, z_i) - \\log q(z_i \\mid x)`, shape (k, batch)."""
-        return log_weights(x, self.encode(x), self.log_joint, k)
+    def log_weights(self, x: Tensor, k: int = 1, *, seed: int | None = None) -> Tensor:
+        """Log importance weights :math:`\\log p(x, z_i) - \\log q(z_i \\mid x)`, shape (k, batch).
+
+        With ``seed``, the samples come from a generator seeded with it (see :func:`~vaelib.bounds.log_weights`).
+        """
+        return log_weights(x, self.encode(x), self.log_joint, k, seed=seed)
 
     def elbo(self, x: Tensor, k: int = 1, analytic_kl: bool = False) -> Tensor:
         """Monte Carlo ELBO averaged over ``k`` samples, shape (batch,).
@@ -190,7 +356,7 @@ class VAE(nn.Module):
         q = self.encode(x)
         z = q.rsample((k,))  # (k, batch, z_dim)
         reconstruction = self.decode(z).log_prob(x).mean(dim=0)  # (batch,)
-        return reconstruction - kl_divergence(q, self.prior)
+        return reconstruction - kl_divergence(q, self.prior)  # type: ignore[no-any-return]
 
     def iwae(self, x: Tensor, k: int = 5) -> Tensor:
         """Importance weighted bound with ``k`` samples, shape (batch,)."""
@@ -200,7 +366,8 @@ class VAE(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         """The dtype of the networks' parameters (of the prior's buffer for networks without any)."""
-        return next((p.dtype for p in self.parameters() if p.is_floating_point()), self._prior_loc.dtype)
+        fallback: torch.dtype = self._prior_loc.dtype  # type: ignore[assignment]
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), fallback)
 
     def _check_dtype(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -213,7 +380,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> Tensor:
-        """Draw ``n`` images: ``z ~ p(z)``, then the decoder's mean (or a sample), (n, x_dim)."""
+        """Draw ``n`` images: ``z ~ p(z)``, then the decoder's mean (or a sample), ``(n, *x_shape)``."""
         check_positive_int(n, "n")
         z = self.prior.sample((n,))  # (n, z_dim)
         px = self.decode(z)
@@ -221,5 +388,5 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder mean at the encoder mean: :math:`\\mathbb{E}[x \\mid z = \\mu_\\phi(x)]`, (batch, x_dim)."""
+        """Decoder mean at the encoder mean: :math:`\\mathbb{E}[x \\mid z = \\mu_\\phi(x)]`, ``(batch, *x_shape)``."""
         return self.decode(self.encode(x).mean).mean

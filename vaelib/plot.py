@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from vaelib.models import VAE
+
 __all__ = ["image_grid", "samples_and_reconstructions", "show_images"]
 
 
@@ -45,7 +47,7 @@ def show_images(images: Tensor, *, ax: Axes | None = None, title: str | None = N
     return ax
 
 
-def samples_and_reconstructions(vae, x: Tensor, *, n: int = 32) -> Figure:
+def samples_and_reconstructions(vae: VAE, x: Tensor, *, n: int = 32) -> Figure:
     """One figure: model samples, data, and their reconstructions side by side."""
     import matplotlib.pyplot as plt
 

@@ -377,7 +377,7 @@ def plot_frame(frames: GapFrames, i: int, j: int, *, fig: Any = None) -> Any:
 def interactive(frames: GapFrames) -> Any:
     """:func:`plot_frame` behind two ipywidgets sliders, or ``None`` where ipywidgets is not installed."""
     try:
-        import ipywidgets
+        import ipywidgets  # type: ignore[import-not-found]
     except ImportError:
         return None
     import matplotlib.pyplot as plt

@@ -39,6 +39,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ BUSY_DELAY = 0.5
 # process within this many seconds: a notebook calls fit again and again,
 # and each call would otherwise pay anew for trying a count that is slow.
 MEMORY_SECONDS = 60.0
-_MEMORY: dict[tuple[tuple[int, ...], int], dict] = {}
+_MEMORY: dict[tuple[tuple[int, ...], int], dict[str, Any]] = {}
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 POLICY_VARIABLE = "VAELIB_CPU_THREADS"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,7 +121,7 @@ class LinearGaussian:
         zeros = self.W.new_zeros(self.z_dim)
         return MultivariateNormal(zeros, scale_tril=torch.eye(self.z_dim, dtype=self.W.dtype))
 
-    def likelihood(self, z: Tensor) -> Independent:
+    def likelihood(self, z: Tensor) -> Independent[Any]:
         """:math:`p(x \\mid z) = \\mathcal{N}(W z + b, \\sigma^2 I)`, event shape ``(x_dim,)``.
 
         ``z`` has shape ``(..., z_dim)``; the result has batch shape ``(...)``.
@@ -130,7 +131,8 @@ class LinearGaussian:
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """:math:`\\log p(x, z) = \\log p(z) + \\log p(x \\mid z)`, broadcast over leading dims."""
-        return self.prior.log_prob(z) + self.likelihood(z).log_prob(x)
+        out: Tensor = self.prior.log_prob(z) + self.likelihood(z).log_prob(x)
+        return out
 
     def marginal(self) -> MultivariateNormal:
         """:math:`p(x) = \\mathcal{N}(b, W W^\\top + \\sigma^2 I)`."""
@@ -139,7 +141,8 @@ class LinearGaussian:
 
     def log_marginal(self, x: Tensor) -> Tensor:
         """Exact :math:`\\log p(x)`; ``x`` of shape ``(batch, x_dim)`` gives ``(batch,)``."""
-        return self.marginal().log_prob(x)
+        out: Tensor = self.marginal().log_prob(x)
+        return out
 
     def posterior(self, x: Tensor) -> MultivariateNormal:
         """Exact :math:`p(z \\mid x)`, batch shape ``(batch,)``, event shape ``(z_dim,)``."""

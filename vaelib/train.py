@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from vaelib._checks import (
     MATMUL_PRECISIONS,
@@ -50,13 +55,44 @@ from vaelib._checks import (
 )
 from vaelib._lock import exclusive
 from vaelib._progress import progress_bar, progress_enabled
+from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
 from vaelib.history import History
 from vaelib.models import VAE
 from vaelib.threads import StepThreads, matmul_work
 
-__all__ = ["TrainingDiverged", "default_device", "fit", "float32_matmul_precision", "resolve_device"]
+__all__ = [
+    "Objective",
+    "TrainingDiverged",
+    "default_device",
+    "fit",
+    "float32_matmul_precision",
+    "resolve_device",
+]
+
+ObjectiveName = Literal["elbo", "iwae"]
+MatmulPrecision = Literal["highest", "high", "medium"]
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+DEFAULT_K = {"elbo": 1, "iwae": 5}
+DEFAULT_LR = 1e-3
+
+logger = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """A training objective for :func:`fit`: a differentiable bound per data point.
+
+    ``objective(vae, x)`` takes the model and a batch ``x`` of shape
+    ``(batch, *event_shape)`` (binarized already when ``fit`` binarizes) and
+    returns a tensor of shape ``(batch,)`` whose mean ``fit`` maximizes; it
+    draws its own samples from the global torch generator, which ``fit`` seeds.
+    Example: ``lambda vae, x: vae.iwae(x, k=10) - 0.1 * vae.elbo(x)``.
+    """
+
+    def __call__(self, vae: VAE, x: Tensor, /) -> Tensor: ...
 
 
 class TrainingDiverged(FloatingPointError):
@@ -90,11 +126,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def bound(vae: VAE, x: Tensor, objective: str, k: int, analytic_kl: bool) -> Tensor:
+def bound(vae: VAE, x: Tensor, objective: ObjectiveName | str, k: int, analytic_kl: bool) -> Tensor:
     """The training objective for a batch, shape (batch,)."""
     if objective == "iwae":
         return vae.iwae(x, k=k)
     return vae.elbo(x, k=k, analytic_kl=analytic_kl)
+
+
+def _iwae_at(k: int) -> Objective:
+    """The IWAE bound with ``k`` samples (the ELBO when ``k = 1``) as an objective."""
+
+    def iwae(vae: VAE, x: Tensor) -> Tensor:
+        return vae.iwae(x, k=k)
+
+    return iwae
 
 
 def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
@@ -108,7 +153,7 @@ def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
 
 
 @contextlib.contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
+def float32_matmul_precision(precision: MatmulPrecision | str) -> Iterator[None]:
     """Run the block with ``torch.set_float32_matmul_precision`` at ``precision``, then restore it.
 
     Parameters
@@ -139,8 +184,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def _settings(objective: str, k: int, analytic_kl: bool, batch_size: int, lr: float, seed: int) -> dict:
-    return {
+def _settings(
+    objective: str, k: int, analytic_kl: bool, batch_size: int, lr: float | None, seed: int, **extra: object
+) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues.
+
+    Options at their defaults are left out, so checkpoints of earlier versions still resume.
+    """
+    settings: dict[str, object] = {
         "objective": objective,
         "k": k,
         "analytic_kl": analytic_kl,
@@ -148,13 +199,76 @@ def _settings(objective: str, k: int, analytic_kl: bool, batch_size: int, lr: fl
         "lr": lr,
         "seed": seed,
     }
+    return settings | {key: value for key, value in extra.items() if value is not None}
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
+def _resolve_objective(
+    objective: ObjectiveName | Objective, k: int | None, analytic_kl: bool
+) -> tuple[Objective, str, int]:
+    """The objective as a function ``(vae, x) -> (batch,)``, its name and its k."""
+    check_bool(analytic_kl, "analytic_kl")
+    if callable(objective):
+        if k is not None:
+            raise ValueError("k: a callable objective draws its own samples; leave k unset")
+        if analytic_kl:
+            raise ValueError("analytic_kl: applies to objective='elbo' only")
+        return objective, _name(objective), 1
+    check_choice(objective, "objective", OBJECTIVES)
+    if analytic_kl and objective != "elbo":
+        raise ValueError(f"analytic_kl: the closed-form KL applies to objective='elbo' only, got {objective!r}")
+    if k is None:
+        k = DEFAULT_K[objective]
+    k = check_positive_int(k, "k")
+    if objective == "iwae" and k == 1:
+        warnings.warn("fit: objective='iwae' with k=1 is the ELBO; use k > 1 for a tighter bound", stacklevel=3)
+    name = str(objective)
+
+    def chosen(vae: VAE, x: Tensor) -> Tensor:
+        return bound(vae, x, name, k, analytic_kl)
+
+    return chosen, name, k
+
+
+def _check_checkpoint_path(path: Path | None, resume: bool, overwrite: bool) -> None:
+    if resume and path is None:
+        raise ValueError("resume: resume=True needs a checkpoint path to resume from")
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the checkpoint, overwrite=True replaces it; choose one")
+    if path is not None and path.is_dir():
+        raise ValueError(f"checkpoint: {path} is a folder; expected the path of a checkpoint file")
+    if path is not None and path.exists() and not (resume or overwrite):
+        raise ValueError(
+            f"checkpoint: {path} already exists; pass resume=True to continue it or overwrite=True to replace it"
+        )
+
+
+def _make_optimizer(vae: VAE, lr: float | None, optimizer: OptimizerFactory | None, dev: torch.device) -> Optimizer:
+    if optimizer is None:
+        return _adam(vae, DEFAULT_LR if lr is None else lr, dev)
+    opt = optimizer(vae.parameters())
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"optimizer: the factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    return opt
+
+
+def _make_scheduler(opt: Optimizer, scheduler: SchedulerFactory | None) -> Any:
+    if scheduler is None:
+        return None
+    sched = scheduler(opt)
+    if not (callable(getattr(sched, "step", None)) and callable(getattr(sched, "state_dict", None))):
+        raise TypeError(f"scheduler: the factory must return an LR scheduler, got {type(sched).__name__}")
+    return sched
 
 
 @torch.no_grad()
-def _mean_bound(vae: VAE, x: Tensor, objective: str, k: int, analytic_kl: bool, batch_size: int) -> Tensor:
+def _mean_bound(vae: VAE, x: Tensor, objective: Objective, batch_size: int) -> Tensor:
     total = torch.zeros((), device=x.device, dtype=x.dtype)
     for i in range(0, x.shape[0], batch_size):
-        total += bound(vae, x[i : i + batch_size], objective, k, analytic_kl).sum()
+        total += objective(vae, x[i : i + batch_size]).sum()
     return total / x.shape[0]
 
 
@@ -163,56 +277,298 @@ def _all_finite(vae: VAE) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in vae.parameters()]).all())
 
 
-def _restore(vae: VAE, opt: torch.optim.Optimizer, snapshot: tuple[dict, dict]) -> None:
-    vae.load_state_dict(snapshot[0])
-    opt.load_state_dict(snapshot[1])
+@dataclass
+class _Run:
+    """Everything one call of :func:`fit` resolved before the first epoch."""
+
+    vae: VAE
+    x: Tensor  # (n, *event_shape), on the device
+    valid: Tensor | None  # binarized once when binarize is on
+    objective: Objective
+    valid_objective: Objective
+    opt: Optimizer
+    scheduler: Any
+    batch_size: int
+    binarize: bool
+    grad_clip: float | None
+    matmul_precision: MatmulPrecision
+    seed: int
+    dev: torch.device
+    valid_every: int
+    epochs: int
+    path: Path | None
+    settings: dict[str, Any]
+    label: str
+    snapshot: tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None] | None = (
+        None  # set while an epoch is part-way through
+    )
+    threads: StepThreads | None = None  # the CPU thread policy of the steps, set by fit
+
+
+def _step(run: _Run, xb: Tensor) -> Tensor:
+    """One gradient step on the batch; returns the batch's summed bound, still on the device."""
+    b = run.objective(run.vae, xb)  # (batch,)
+    if b.shape != xb.shape[:1]:
+        raise ValueError(f"objective: expected a bound per data point of shape ({xb.shape[0]},), got {tuple(b.shape)}")
+    run.opt.zero_grad(set_to_none=True)
+    (-b.mean()).backward()
+    if run.grad_clip is not None:
+        # foreach clipping scales on the device: no host sync
+        torch.nn.utils.clip_grad_norm_(run.vae.parameters(), run.grad_clip, foreach=True)
+    run.opt.step()
+    return b.detach().sum()
+
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    """One pass over the data in a fresh random order; the mean training bound (the epoch's one host sync)."""
+    torch.manual_seed(_epoch_seed(run.seed, epoch))
+    run.vae.train()
+    n = run.x.shape[0]
+    total = torch.zeros((), device=run.dev, dtype=run.x.dtype)
+    perm = torch.randperm(n, device=run.dev)
+    with float32_matmul_precision(run.matmul_precision):
+        for i in range(0, n, run.batch_size):
+            with run.threads.step() if run.threads is not None else contextlib.nullcontext():
+                xb = run.x[perm[i : i + run.batch_size]]  # (batch, *event_shape)
+                if run.binarize:
+                    xb = bernoulli_draw(xb)
+                total += _step(run, xb)
+    run.vae.eval()
+    return float(total) / n
+
+
+def _snapshot(run: _Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    sched = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
+    return copy.deepcopy(run.vae.state_dict()), copy.deepcopy(run.opt.state_dict()), sched
+
+
+def _rollback(run: _Run) -> None:
+    """Put the model, optimizer and scheduler back as they were at the start of the epoch."""
+    if run.snapshot is None:
+        return
+    model, opt, sched = run.snapshot
+    run.vae.load_state_dict(model)
+    run.opt.load_state_dict(opt)
+    if run.scheduler is not None and sched is not None:
+        run.scheduler.load_state_dict(sched)
+
+
+def _check_diverged(run: _Run, epoch: int, train_bound: float, done: int) -> None:
+    # A step can break the weights after the last bound of the epoch was taken.
+    if math.isfinite(train_bound) and _all_finite(run.vae):
+        return
+    _rollback(run)
+    kept = f"; the checkpoint {run.path} from epoch {done} is kept" if run.path else ""
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch}: the {run.label} bound or the weights became NaN or infinite "
+        f"(try a smaller learning rate, or grad_clip); the model is restored to epoch {done}{kept}"
+    )
+
+
+def _validate(run: _Run, epoch: int) -> float | None:
+    """The mean validation bound, every ``valid_every`` epochs and after the last one."""
+    if run.valid is None or (epoch % run.valid_every and epoch != run.epochs):
+        return None
+    return float(_mean_bound(run.vae, run.valid, run.valid_objective, run.batch_size))
+
+
+def _scheduler_step(run: _Run, score: float) -> None:
+    if run.scheduler is None:
+        return
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(-score)  # it watches a loss: the negated bound
+    else:
+        run.scheduler.step()
+
+
+def _report(run: _Run, history: History, bar: Any) -> None:
+    """The progress bar in a terminal or notebook; one ``logging`` line per epoch elsewhere."""
+    train_bound, seconds = history.train_bound[-1], history.seconds[-1]
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{seconds:.2f}")
+        return
+    valid = history.valid_bound[-1]
+    valid_text = f", valid {valid:.3f}" if valid is not None else ""
+    logger.info(
+        "epoch %d/%d: train %s %.3f%s nats, %.2f s",
+        history.epoch[-1],
+        run.epochs,
+        run.label,
+        train_bound,
+        valid_text,
+        seconds,
+    )
+
+
+def _logs(run: _Run, history: History) -> dict[str, Any]:
+    logs: dict[str, Any] = {
+        "epoch": history.epoch[-1],
+        "train_bound": history.train_bound[-1],
+        "seconds": history.seconds[-1],
+        "lr": float(run.opt.param_groups[0]["lr"]),
+    }
+    if history.valid_bound[-1] is not None:
+        logs["valid_bound"] = history.valid_bound[-1]
+    return logs
+
+
+def _run_epoch(run: _Run, history: History, epoch: int, callbacks: CallbackList, bar: Any) -> bool:
+    """Train, check, validate, record, checkpoint, report; return whether a callback asks to stop."""
+    run.snapshot = _snapshot(run)
+    start = time.perf_counter()
+    train_bound = _train_epoch(run, epoch)
+    _check_diverged(run, epoch, train_bound, len(history))
+    valid_bound = _validate(run, epoch)
+    _scheduler_step(run, train_bound if valid_bound is None else valid_bound)
+    history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
+    if run.path is not None:
+        write_training_checkpoint(run.path, run.vae, run.opt, history, run.settings, run.scheduler)
+    run.snapshot = None  # the epoch is complete, and on disk
+    _report(run, history, bar)
+    return callbacks.on_epoch_end(epoch, _logs(run, history))
+
+
+def _open_checkpoint(run: _Run, history: History, resume: bool) -> tuple[History, contextlib.ExitStack]:
+    """Lock the checkpoint for the run, and read it when resuming; the lock is returned to be released."""
+    lock = contextlib.ExitStack()
+    path = run.path
+    try:
+        if path is not None:
+            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+            if resume and path.exists():
+                history = read_training_checkpoint(
+                    path, run.vae, run.opt, run.settings, epochs=run.epochs, scheduler=run.scheduler
+                )
+            if run.epochs == 0 and len(history) == 0:  # a run of 0 epochs has its file too
+                write_training_checkpoint(path, run.vae, run.opt, history, run.settings, run.scheduler)
+    except BaseException:
+        lock.close()
+        raise
+    return history, lock
+
+
+def _interrupted(run: _Run, history: History, epoch: int) -> None:
+    """Ctrl-C: keep the last completed epoch (also during the epoch's checkpoint write, which is rolled back)."""
+    if run.snapshot is not None:
+        _rollback(run)
+        history.truncate(epoch - 1)
+    history.interrupted = True
+    warnings.warn(
+        f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}", stacklevel=3
+    )
+
+
+def _prepare_valid(
+    vae: VAE, valid_x: Tensor, dev: torch.device, dtype: torch.dtype, binarize: bool, seed: int
+) -> Tensor:
+    valid = valid_x.to(dev, dtype)
+    if binarize:
+        valid = bernoulli_draw(valid, torch.Generator(device=dev).manual_seed(seed))
+    return valid
+
+
+def _all_callbacks(
+    callbacks: Sequence[Callback | Callable[[History], object]] | None,
+    callback: Callable[[History], object] | None,
+    patience: int | None,
+    restore_best: bool,
+) -> list[Callback | Callable[[History], object]]:
+    out: list[Callback | Callable[[History], object]] = []
+    if patience is not None or restore_best:
+        # first, so that it sees each epoch's weights before any other callback can change them
+        out.append(
+            EarlyStopping(patience=math.inf if patience is None else patience, restore_best_weights=restore_best)
+        )
+    out += list(callbacks or [])
+    if callback is not None:
+        out.append(callback)
+    return out
 
 
 def fit(
     vae: VAE,
-    train_x: Tensor,
+    train_x: Tensor | np.ndarray,
     *,
-    objective: str = "elbo",
-    k: int = 1,
+    objective: ObjectiveName | Objective = "elbo",
+    k: int | None = None,
     analytic_kl: bool = False,
     epochs: int = 10,
     batch_size: int = 100,
-    lr: float = 1e-3,
-    valid_x: Tensor | None = None,
+    lr: float | None = None,
+    optimizer: OptimizerFactory | None = None,
+    scheduler: SchedulerFactory | None = None,
+    grad_clip: float | None = None,
+    binarize: bool | None = None,
+    valid_x: Tensor | np.ndarray | None = None,
+    valid_every: int = 1,
+    valid_k: int | None = None,
+    restore_best: bool = False,
+    patience: int | None = None,
+    callbacks: Sequence[Callback | Callable[[History], object]] | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    matmul_precision: str = "medium",
+    matmul_precision: MatmulPrecision = "medium",
     progress: bool | None = None,
-    callback: Callable[[History], None] | None = None,
+    callback: Callable[[History], object] | None = None,
 ) -> History:
-    """Train ``vae`` with Adam, maximizing the ELBO or the IWAE bound.
+    """Train ``vae`` by stochastic gradient ascent on the ELBO, the IWAE bound or a bound of your own.
 
     Each step minimizes :math:`-\\frac{1}{B}\\sum_{b} \\mathcal{L}(x_b)` over a batch
     of ``batch_size`` rows, where :math:`\\mathcal{L}` is
-    :meth:`~vaelib.models.VAE.elbo` (``objective="elbo"``) or :meth:`~vaelib.models.VAE.iwae` (``"iwae"``).
+    :meth:`~vaelib.models.VAE.elbo` (``objective="elbo"``), :meth:`~vaelib.models.VAE.iwae`
+    (``"iwae"``) or ``objective(vae, x_b)``.
 
     Parameters
     ----------
     vae : VAE
         The model; it is moved to ``device`` and trained in place.
-    train_x : Tensor, shape (n, x_dim)
-        Training data, in [0, 1] for a Bernoulli likelihood (binarized afresh
-        for every batch).
-    objective : {"elbo", "iwae"}
-    k : int
-        Importance samples per data point.
+    train_x : Tensor or ndarray, shape ``(n, *x_shape)``
+        Training data, in [0, 1] for a Bernoulli likelihood.
+    objective : {"elbo", "iwae"} or callable
+        A callable follows the :class:`Objective` protocol: ``objective(vae, x)``
+        returns a differentiable bound per data point, shape ``(batch,)``.
+    k : int, optional
+        Importance samples per data point: 1 for the ELBO and 5 for the IWAE
+        bound by default (``"iwae"`` with ``k=1`` is the ELBO, and warns).
+        Not used with a callable objective.
     analytic_kl : bool
         For the ELBO, use the closed-form KL to the prior (refused with ``objective="iwae"``).
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
-    lr : float
-        Adam's learning rate.
-    valid_x : Tensor, optional
-        Held-out data; its bound is recorded each epoch (binarized once, from ``seed``).
+    lr : float, optional
+        Learning rate of the default optimizer, fused Adam (1e-3 if not given).
+    optimizer : callable, optional
+        A factory ``params -> torch.optim.Optimizer``, e.g.
+        ``lambda p: torch.optim.SGD(p, lr=0.1)``; then ``lr`` is not used.
+    scheduler : callable, optional
+        A factory ``optimizer -> LR scheduler``, stepped once after every epoch
+        (a ``ReduceLROnPlateau`` is given the negated validation bound, or training bound).
+    grad_clip : float, optional
+        Clip the gradients' total 2-norm to this value before each step.
+    binarize : bool, optional
+        Dynamic binarization (Burda et al. 2015, section 5): each batch is
+        drawn afresh as Bernoulli(x). On by default for a Bernoulli likelihood;
+        ``False`` trains on the values as they are (a cross-entropy for grey ones).
+    valid_x : Tensor or ndarray, optional
+        Held-out data (binarized once, from ``seed``, when ``binarize`` is on).
+    valid_every : int
+        Score ``valid_x`` every this many epochs, and after the last epoch.
+    valid_k : int, optional
+        Score ``valid_x`` with the IWAE bound at this k (``valid_k=1`` is the
+        ELBO); by default with the training objective.
+    restore_best : bool
+        At the end, load the weights of the epoch with the best validation bound.
+    patience : int, optional
+        Stop after this many validations without a better bound. ``patience``
+        and ``restore_best`` add a :class:`~vaelib.callbacks.EarlyStopping`.
+    callbacks : list, optional
+        :class:`~vaelib.callbacks.Callback` objects or plain functions ``f(history)``;
+        any of them returning ``True`` after an epoch stops training cleanly.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then the CPU.
     seed : int
@@ -224,7 +580,8 @@ def fit(
         it is refused with the first one's pid; a lock left by a dead process is taken over).
     resume : bool
         Continue from ``checkpoint`` if it exists (from scratch if it does not);
-        the run then ends with the same weights as an uninterrupted one.
+        the run then ends with the same weights as an uninterrupted one. Callbacks
+        start afresh.
     overwrite : bool
         Start afresh and replace an existing ``checkpoint``; without it (or
         ``resume``), an existing file is refused rather than silently replaced.
@@ -236,8 +593,10 @@ def fit(
         the caller's setting.
     progress : bool, optional
         Show a progress bar; by default only in a terminal or a live notebook.
+        Without a bar each epoch is logged in one line to the ``vaelib.train``
+        logger at level INFO.
     callback : callable, optional
-        Called with the :class:`~vaelib.history.History` after each epoch (and after the checkpoint is written).
+        A function ``f(history)`` called after each epoch; the same as ``callbacks=[f]``.
 
     Returns
     -------
@@ -245,6 +604,7 @@ def fit(
         Per-epoch training bound, validation bound and seconds. After a
         ``KeyboardInterrupt`` it holds the epochs completed, ``interrupted`` is
         set and the model is as it was at the end of the last completed epoch.
+        After a stop by a callback, ``stopped`` names it.
 
     Raises
     ------
@@ -272,130 +632,101 @@ def fit(
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
     if not any(p.requires_grad for p in vae.parameters()):
         raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
-    check_choice(objective, "objective", OBJECTIVES)
+    train_objective, name, k = _resolve_objective(objective, k, analytic_kl)
     check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
-    k = check_positive_int(k, "k")
-    check_bool(analytic_kl, "analytic_kl")
-    if analytic_kl and objective != "elbo":
-        raise ValueError(f"analytic_kl: the closed-form KL applies to objective='elbo' only, got {objective!r}")
     epochs = check_nonnegative_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
-    lr = check_positive_float(lr, "lr")
+    if lr is not None:
+        lr = check_positive_float(lr, "lr")
+        if optimizer is not None:
+            raise ValueError("lr: set the learning rate inside the optimizer factory, not both")
+    if grad_clip is not None:
+        grad_clip = check_positive_float(grad_clip, "grad_clip")
     seed = check_seed(seed, "seed")
     check_bool(resume, "resume")
     check_bool(overwrite, "overwrite")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a function of the history, got {type(callback).__name__}")
+    bernoulli = vae.likelihood == "bernoulli"
+    if binarize is None:
+        binarize = bernoulli
+    elif binarize and not bernoulli:
+        raise ValueError("binarize: dynamic binarization applies to a Bernoulli likelihood only")
+    valid_every = check_positive_int(valid_every, "valid_every")
+    valid_objective = train_objective if valid_k is None else _iwae_at(check_positive_int(valid_k, "valid_k"))
+    if patience is not None:
+        patience = check_nonnegative_int(patience, "patience")
     dev = resolve_device(device)
-    for name, data in (("train_x", train_x), ("valid_x", valid_x)):
+    for arg, data in (("train_x", train_x), ("valid_x", valid_x)):
         if isinstance(data, Tensor) and data.requires_grad:
-            raise ValueError(f"{name}: expected data that do not require grad; pass {name}.detach()")
-    train_x = check_data(train_x, "train_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+            raise ValueError(f"{arg}: expected data that do not require grad; pass {arg}.detach()")
+    train_x = check_data(train_x, "train_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     if valid_x is not None:
-        valid_x = check_data(valid_x, "valid_x", x_dim=vae.x_dim, likelihood=vae.likelihood)
+        valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
+    elif restore_best or patience is not None:
+        raise ValueError("valid_x: restore_best and patience watch the validation bound; give valid_x")
     path = Path(checkpoint) if checkpoint is not None else None
-    if resume and path is None:
-        raise ValueError("resume: resume=True needs a checkpoint path to resume from")
-    if resume and overwrite:
-        raise ValueError("overwrite: resume=True continues the checkpoint, overwrite=True replaces it; choose one")
-    if path is not None and path.is_dir():
-        raise ValueError(f"checkpoint: {path} is a folder; expected the path of a checkpoint file")
-    if path is not None and path.exists() and not (resume or overwrite):
-        raise ValueError(
-            f"checkpoint: {path} already exists; pass resume=True to continue it or overwrite=True to replace it"
-        )
+    _check_checkpoint_path(path, resume, overwrite)
 
     vae.to(dev)
     dtype = next(vae.parameters()).dtype
-    x = train_x.to(dev, dtype)  # resident on the device for the whole run
-    bernoulli = vae.likelihood == "bernoulli"
-    if valid_x is not None:
-        valid = valid_x.to(dev, dtype)
-        if bernoulli:
-            g = torch.Generator(device=dev).manual_seed(seed)
-            valid = bernoulli_draw(valid, g)
-    opt = _adam(vae, lr, dev)
-    settings = _settings(objective, k, analytic_kl, batch_size, lr, seed)
-    history = History(objective=objective, k=k)
-
-    lock = contextlib.ExitStack()  # released in the finally clause of the loop
-    try:
-        if path is not None:
-            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
-        if resume and path is not None and path.exists():
-            history = read_training_checkpoint(path, vae, opt, settings, epochs=epochs)
-        if path is not None and epochs == 0 and len(history) == 0:
-            write_training_checkpoint(path, vae, opt, history, settings)  # a run of 0 epochs has its file too
-    except BaseException:
-        lock.close()
-        raise
-
-    show = progress_enabled(progress)
-    bar = progress_bar(show, total=epochs, initial=len(history), desc=f"fit {objective} k={k}", unit="epoch")
-    n = x.shape[0]
+    opt = _make_optimizer(vae, lr, optimizer, dev)
+    sched = _make_scheduler(opt, scheduler)
+    extra = {
+        "optimizer": _name(optimizer) if optimizer is not None else None,
+        "scheduler": _name(scheduler) if scheduler is not None else None,
+        "grad_clip": grad_clip,
+        "binarize": binarize if binarize != bernoulli else None,
+    }
+    run = _Run(
+        vae=vae,
+        x=train_x.to(dev, dtype),  # resident on the device for the whole run
+        valid=None if valid_x is None else _prepare_valid(vae, valid_x, dev, dtype, binarize, seed),
+        objective=train_objective,
+        valid_objective=valid_objective,
+        opt=opt,
+        scheduler=sched,
+        batch_size=batch_size,
+        binarize=binarize,
+        grad_clip=grad_clip,
+        matmul_precision=matmul_precision,
+        seed=seed,
+        dev=dev,
+        valid_every=valid_every,
+        epochs=epochs,
+        path=path,
+        settings=_settings(
+            name, k, analytic_kl, batch_size, DEFAULT_LR if optimizer is None and lr is None else lr, seed, **extra
+        ),
+        label=name,
+    )
+    history, lock = _open_checkpoint(run, History(objective=name, k=k), resume)
+    cbs = CallbackList(
+        _all_callbacks(callbacks, callback, patience, restore_best), TrainState(vae, opt, history, sched)
+    )
+    bar = progress_bar(
+        progress_enabled(progress), total=epochs, initial=len(history), desc=f"fit {name} k={k}", unit="epoch"
+    )
     try:
         # On a CPU, each step runs on one thread or on torch's count, whichever is faster
         # now (vaelib.threads); the caller's count is restored on the way out.
         with (
             torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
-            StepThreads(dev, matmul_work(vae, batch_size * k)) as threads,
+            StepThreads(dev, matmul_work(vae, batch_size * k)) as run.threads,
         ):
+            cbs.on_train_begin({"epoch": len(history)})
             for epoch in range(len(history) + 1, epochs + 1):
-                snapshot = None  # set while the model is part-way through an epoch
                 try:
-                    snapshot = (copy.deepcopy(vae.state_dict()), copy.deepcopy(opt.state_dict()))
-                    start = time.perf_counter()
-                    torch.manual_seed(_epoch_seed(seed, epoch))
-                    vae.train()
-                    total = torch.zeros((), device=dev, dtype=dtype)
-                    perm = torch.randperm(n, device=dev)
-                    with float32_matmul_precision(matmul_precision):
-                        for i in range(0, n, batch_size):
-                            with threads.step():
-                                xb = x[perm[i : i + batch_size]]  # (batch, x_dim)
-                                if bernoulli:
-                                    xb = bernoulli_draw(xb)
-                                b = bound(vae, xb, objective, k, analytic_kl)  # (batch,)
-                                opt.zero_grad(set_to_none=True)
-                                (-b.mean()).backward()
-                                opt.step()
-                                total += b.detach().sum()
-                    train_bound = float(total) / n  # the one host sync of the epoch
-                    vae.eval()
-                    # A step can break the weights after the last bound of the epoch was taken.
-                    if not math.isfinite(train_bound) or not _all_finite(vae):
-                        _restore(vae, opt, snapshot)
-                        kept = f"; the checkpoint {path} from epoch {len(history)} is kept" if path else ""
-                        raise TrainingDiverged(
-                            f"training diverged in epoch {epoch}: the {objective} bound or the weights became "
-                            f"NaN or infinite (try a smaller lr than {lr}); the model is restored to epoch "
-                            f"{len(history)}{kept}"
-                        )
-                    valid_bound = None
-                    if valid_x is not None:
-                        valid_bound = float(_mean_bound(vae, valid, objective, k, analytic_kl, batch_size))
-                    history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
-                    if path is not None:
-                        write_training_checkpoint(path, vae, opt, history, settings)
-                    snapshot = None  # the epoch is complete, and on disk
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{history.seconds[-1]:.2f}")
-                    if callback is not None:
-                        callback(history)
+                    if _run_epoch(run, history, epoch, cbs, bar):
+                        history.stopped = cbs.stopped_by
+                        break
                 except KeyboardInterrupt:
-                    if snapshot is not None:  # also during the epoch's checkpoint write, which is rolled back
-                        _restore(vae, opt, snapshot)
-                        history.truncate(epoch - 1)
-                    history.interrupted = True
-                    warnings.warn(
-                        f"fit: interrupted during epoch {epoch}; the model is as it was after epoch {len(history)}",
-                        stacklevel=2,
-                    )
+                    _interrupted(run, history, epoch)
                     return history
     finally:
         if bar is not None:
             bar.close()
+        cbs.on_train_end({"epoch": len(history)})
         vae.eval()
         lock.close()
     return history

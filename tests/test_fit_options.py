@@ -1,0 +1,284 @@
+"""fit's research options: objectives, optimizer and scheduler factories, clipping, binarization, validation."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+import vaelib
+from vaelib.data import bernoulli_draw
+
+X_DIM = 64
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    train, test = vaelib.data.load_digits()
+    return train[:300], test[:100]
+
+
+def tiny(likelihood: str = "bernoulli", seed: int = 0) -> vaelib.VAE:
+    torch.manual_seed(seed)
+    return vaelib.VAE.mlp(X_DIM, 2, hidden=(16,), likelihood=likelihood)
+
+
+def weights(vae: vaelib.VAE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+OPTIONS = {"device": "cpu", "progress": False, "batch_size": 50}
+
+
+def test_callable_objective_equals_the_named_one(digits):
+    """A callable computing the ELBO trains bitwise as objective="elbo" does; the IWAE likewise."""
+    train, _ = digits
+    for name, fn, k in [
+        ("elbo", lambda vae, x: vae.elbo(x), None),
+        ("iwae", lambda vae, x: vae.iwae(x, k=3), 3),
+    ]:
+        a, b = tiny(), tiny()
+        ha = vaelib.fit(a, train, objective=name, k=k, epochs=2, **OPTIONS)
+        hb = vaelib.fit(b, train, objective=fn, epochs=2, **OPTIONS)
+        assert same(weights(a), weights(b))
+        assert ha.train_bound == hb.train_bound
+        assert hb.objective == "test_callable_objective_equals_the_named_one.<locals>.<lambda>"
+
+
+def test_objective_of_the_wrong_shape_is_named(digits):
+    """An objective returning one number per batch (not per point) raises a ValueError naming it."""
+    with pytest.raises(ValueError, match=r"objective: expected a bound per data point of shape \(50,\), got \(\)"):
+        vaelib.fit(tiny(), digits[0], objective=lambda vae, x: vae.elbo(x).mean(), epochs=1, **OPTIONS)
+
+
+def test_default_k_fits_the_objective(digits):
+    """objective="iwae" defaults to k = 5; an explicit k = 1 warns that it is the ELBO."""
+    history = vaelib.fit(tiny(), digits[0][:100], objective="iwae", epochs=1, **OPTIONS)
+    assert history.k == 5
+    assert vaelib.fit(tiny(), digits[0][:100], epochs=1, **OPTIONS).k == 1
+    with pytest.warns(UserWarning, match="k=1 is the ELBO"):
+        vaelib.fit(tiny(), digits[0][:100], objective="iwae", k=1, epochs=1, **OPTIONS)
+
+
+def test_optimizer_factory_is_used(digits):
+    """SGD at learning rate 0 leaves the weights exactly as they were; at 0.1 it moves them."""
+    before = weights(tiny())
+    frozen, moved = tiny(), tiny()
+    vaelib.fit(frozen, digits[0], optimizer=lambda p: torch.optim.SGD(p, lr=0.0), epochs=2, **OPTIONS)
+    vaelib.fit(moved, digits[0], optimizer=lambda p: torch.optim.SGD(p, lr=0.1), epochs=2, **OPTIONS)
+    assert same(weights(frozen), before)
+    assert not same(weights(moved), before)
+
+
+def test_scheduler_steps_once_per_epoch(digits):
+    """StepLR halving every epoch: the logged learning rates are 1e-3 / 2^epoch."""
+    rates = []
+    lrs = []
+
+    class LR(vaelib.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs):
+            lrs.append(logs["lr"])
+            return False
+
+    vaelib.fit(
+        tiny(),
+        digits[0],
+        scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+        callbacks=[LR(), lambda h: rates.append(h.epoch[-1])],
+        epochs=3,
+        **OPTIONS,
+    )
+    assert rates == [1, 2, 3]
+    assert lrs == pytest.approx([1e-3 / 2, 1e-3 / 4, 1e-3 / 8], rel=1e-12)
+
+
+def test_resume_with_a_scheduler_equals_uninterrupted(tmp_path, digits):
+    """A cosine schedule resumed after 2 of 4 epochs ends bitwise where the 4-epoch run ends."""
+    train, test = digits
+    options = {
+        **OPTIONS,
+        "scheduler": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
+        "grad_clip": 5.0,
+        "valid_x": test,
+    }
+    full, part = tiny(), tiny()
+    h_full = vaelib.fit(full, train, epochs=4, **options)
+    vaelib.fit(part, train, epochs=2, checkpoint=tmp_path / "c.pt", **options)
+    resumed = tiny()
+    h_res = vaelib.fit(resumed, train, epochs=4, checkpoint=tmp_path / "c.pt", resume=True, **options)
+    assert same(weights(full), weights(resumed))
+    assert h_full.train_bound == h_res.train_bound
+
+
+class NormRecorder(torch.optim.SGD):
+    """SGD that notes the total gradient norm it is given at every step."""
+
+    norms: list[float]
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_grad_clip_bounds_the_gradient_norm(digits, clip):
+    """With grad_clip=1 no step sees a norm above 1; without it, the norms exceed 1 (so the check can fail)."""
+    NormRecorder.norms = []
+    vaelib.fit(tiny(), digits[0], optimizer=lambda p: NormRecorder(p, lr=1e-2), grad_clip=clip, epochs=2, **OPTIONS)
+    assert len(NormRecorder.norms) == 12
+    if clip is None:
+        assert max(NormRecorder.norms) > 2.0
+    else:
+        assert max(NormRecorder.norms) <= clip * (1 + 1e-5)
+
+
+class InputRecorder(torch.nn.Module):
+    """Wraps a network and keeps the distinct values of the inputs it sees while training."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.values: set[float] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.values |= set(x.unique().tolist())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("binarize", [None, False])
+def test_binarize_can_be_turned_off(digits, binarize):
+    """By default a Bernoulli model trains on 0/1 draws; binarize=False gives it the grey values."""
+    plain = tiny()
+    encoder = InputRecorder(plain.encoder)
+    vae = vaelib.VAE(encoder, plain.decoder, x_dim=X_DIM, z_dim=2)
+    vaelib.fit(vae, digits[0], binarize=binarize, epochs=1, **OPTIONS)
+    if binarize is None:
+        assert encoder.values == {0.0, 1.0}
+    else:
+        assert len(encoder.values) > 2 and encoder.values <= set(digits[0].unique().tolist())
+
+
+def test_valid_every_and_the_last_epoch(digits):
+    """valid_every=3 over 7 epochs scores the validation data after epochs 3, 6 and 7."""
+    history = vaelib.fit(tiny(), digits[0], valid_x=digits[1], valid_every=3, epochs=7, **OPTIONS)
+    assert [e for e, v in zip(history.epoch, history.valid_bound, strict=True) if v is not None] == [3, 6, 7]
+
+
+def test_valid_k_scores_with_the_iwae_bound(digits):
+    """valid_k=200 records the IWAE bound of the (once-binarized) validation data: within 4 standard
+    errors of an independent IWAE estimate, and more than 4 standard errors above the ELBO."""
+    train, test = digits
+    vae = tiny()
+    history = vaelib.fit(vae, train, valid_x=test, valid_k=200, epochs=3, **OPTIONS)
+    x = bernoulli_draw(test, torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        iwae = torch.stack([vae.iwae(x, k=200).mean() for _ in range(20)]).double()  # (20,)
+        elbo = torch.stack([vae.elbo(x, k=1).mean() for _ in range(200)]).double()  # (200,)
+    se_iwae = float(iwae.std() / math.sqrt(20))
+    se_gap = math.hypot(se_iwae, float(elbo.std() / math.sqrt(200)))
+    assert abs(history.valid_bound[-1] - float(iwae.mean())) < 4 * math.hypot(se_iwae, se_iwae * math.sqrt(20))
+    assert history.valid_bound[-1] - float(elbo.mean()) > 4 * se_gap
+
+
+def test_epochs_are_logged_outside_a_terminal(digits, caplog):
+    """Without a progress bar, each epoch is one INFO line of the vaelib.train logger."""
+    with caplog.at_level(logging.INFO, logger="vaelib.train"):
+        vaelib.fit(tiny(), digits[0], valid_x=digits[1], epochs=3, **OPTIONS)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vaelib.train"]
+    assert len(lines) == 3
+    assert lines[0].startswith("epoch 1/3: train elbo ") and "valid" in lines[0] and "nats" in lines[0]
+
+
+def test_host_syncs_do_not_grow_with_the_number_of_steps(monkeypatch, digits):
+    """The host reads device values a fixed number of times per epoch, however many batches it has,
+    with clipping, a scheduler and a callable objective on."""
+    reads = {"n": 0}
+    for method in ("__float__", "__bool__", "item", "tolist", "__int__"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads["n"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    counts = []
+    for batch_size in (100, 25):
+        reads["n"] = 0
+        vaelib.fit(
+            tiny(),
+            digits[0],
+            objective=lambda vae, x: vae.elbo(x),
+            grad_clip=1.0,
+            scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1),
+            epochs=2,
+            batch_size=batch_size,
+            device="cpu",
+            progress=False,
+        )
+        counts.append(reads["n"])
+    assert counts[0] == counts[1]
+    assert counts[0] <= 3 + 2 * 2  # the data check, then per epoch the bound and the finiteness check
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"grad_clip": 0.0}, ValueError, "grad_clip: expected a finite number > 0"),
+        ({"valid_every": 0}, ValueError, "valid_every: expected an integer >= 1"),
+        ({"valid_k": 0, "valid_x": torch.rand(5, X_DIM)}, ValueError, "valid_k: expected an integer >= 1"),
+        ({"patience": 2}, ValueError, "valid_x: restore_best and patience"),
+        ({"restore_best": True}, ValueError, "valid_x: restore_best and patience"),
+        ({"patience": -1, "valid_x": torch.rand(5, X_DIM)}, ValueError, "patience: expected an integer >= 0"),
+        ({"optimizer": lambda p: torch.optim.SGD(p, lr=0.1), "lr": 0.1}, ValueError, "lr: set the learning rate"),
+        ({"objective": lambda vae, x: vae.elbo(x), "k": 3}, ValueError, "k: a callable objective"),
+        ({"objective": "iwae", "k": 0}, ValueError, "k: expected an integer >= 1"),
+        ({"optimizer": lambda p: 3}, TypeError, "optimizer: the factory must return"),
+        ({"scheduler": lambda o: None}, TypeError, "scheduler: the factory must return"),
+        ({"callbacks": [3]}, TypeError, "callbacks: expected a Callback or a callable"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, error, message):
+    """Each bad option raises an error naming it, and the model is unchanged."""
+    vae = tiny()
+    before = weights(vae)
+    with pytest.raises(error, match=message):
+        vaelib.fit(vae, torch.rand(20, X_DIM).round(), epochs=1, **{"device": "cpu", "progress": False, **kwargs})
+    assert same(weights(vae), before)
+
+
+def test_binarize_needs_a_bernoulli_likelihood():
+    """binarize=True on a Gaussian model is refused."""
+    with pytest.raises(ValueError, match="binarize: dynamic binarization applies to a Bernoulli"):
+        vaelib.fit(tiny("gaussian"), torch.rand(20, X_DIM), binarize=True, epochs=1, device="cpu")
+
+
+def test_reduce_on_plateau_watches_the_negated_bound(digits):
+    """A ReduceLROnPlateau is stepped with minus the validation bound (it minimizes a loss), or minus the
+    training bound in epochs without validation."""
+    seen = []
+
+    class Recording(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics, epoch=None):
+            seen.append(float(metrics))
+            return super().step(metrics)
+
+    history = vaelib.fit(
+        tiny(),
+        digits[0],
+        valid_x=digits[1],
+        valid_every=2,
+        scheduler=lambda o: Recording(o, patience=0),
+        epochs=3,
+        **OPTIONS,
+    )
+    expected = [-(v if v is not None else t) for t, v in zip(history.train_bound, history.valid_bound, strict=True)]
+    assert seen == expected
