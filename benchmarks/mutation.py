@@ -196,6 +196,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "log_ratio = 2 * log_post - 2 * q.log_prob(z)  # (grid, batch)",
         "the bimodal chi-square integrates p^2 / q^2 instead of p^2 / q",
     ),
+    Mutation(
+        "dreg-single-weight",
+        "vaelib/iwae_gradients.py",
+        "z.register_hook(lambda grad: grad * w_tilde)",
+        "z.register_hook(lambda grad: grad)",
+        "DReG's encoder gradient without its second normalized weight: the STL estimator under DReG's name",
+    ),
+    Mutation(
+        "stl-score-kept",
+        "vaelib/iwae_gradients.py",
+        'q_stopped = stop_gradient(q) if estimator != "reparam" else q',
+        "q_stopped = q",
+        "STL and DReG without the stopped gradient: the score term of log q stays in",
+    ),
+    Mutation(
+        "renyi-no-scale",
+        "vaelib/renyi.py",
+        "return (torch.logsumexp(s * log_w, dim=0) - math.log(k)) / s",
+        "return torch.logsumexp(s * log_w, dim=0) - math.log(k)",
+        "the Renyi bound without its factor 1 / (1 - alpha)",
+    ),
 )
 
 
