@@ -21,14 +21,6 @@ from benchmarks import _record, book, iwae_table, loglik, throughput
 HEADER_KEYS = {"benchmark", "device", "device_name", "torch", "commit", "date", "command"}
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """The scripts' ``--threads`` changes torch's global thread count; put it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _read(path) -> dict:
     return json.loads(path.read_text())
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from benchmarks import contention, gpu, setup_time
@@ -25,13 +24,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_book  # noqa: E402
 
 HEADER_KEYS = {"benchmark", "device", "device_name", "torch", "commit", "date", "command"}
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cell(seconds: float) -> dict:
