@@ -24,7 +24,7 @@ def test_the_research_examples_run(tmp_path, monkeypatch, capsys):
     """Every example of the section runs; the PPCA one shows an estimate nats off with k-hat over the limit."""
     pytest.importorskip("arviz")
     examples = research_examples()
-    assert len(examples) == 6
+    assert len(examples) == 7
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "readme"}
     for code in examples:

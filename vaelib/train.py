@@ -59,6 +59,7 @@ from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
 from vaelib.history import History
+from vaelib.iwae_gradients import IWAE_ESTIMATORS, iwae_objective
 from vaelib.models import VAE
 from vaelib.threads import StepThreads, matmul_work
 
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 ObjectiveName = Literal["elbo", "iwae"]
+IWAEEstimator = Literal["reparam", "stl", "dreg"]
 MatmulPrecision = Literal["highest", "high", "medium"]
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -207,15 +209,18 @@ def _name(fn: object) -> str:
 
 
 def _resolve_objective(
-    objective: ObjectiveName | Objective, k: int | None, analytic_kl: bool
+    objective: ObjectiveName | Objective, k: int | None, analytic_kl: bool, estimator: IWAEEstimator = "reparam"
 ) -> tuple[Objective, str, int]:
     """The objective as a function ``(vae, x) -> (batch,)``, its name and its k."""
     check_bool(analytic_kl, "analytic_kl")
+    check_choice(estimator, "estimator", IWAE_ESTIMATORS)
     if callable(objective):
         if k is not None:
             raise ValueError("k: a callable objective draws its own samples; leave k unset")
         if analytic_kl:
             raise ValueError("analytic_kl: applies to objective='elbo' only")
+        if estimator != "reparam":
+            raise ValueError("estimator: a callable objective computes its own gradient; leave estimator unset")
         return objective, _name(objective), 1
     check_choice(objective, "objective", OBJECTIVES)
     if analytic_kl and objective != "elbo":
@@ -226,6 +231,13 @@ def _resolve_objective(
     if objective == "iwae" and k == 1:
         warnings.warn("fit: objective='iwae' with k=1 is the ELBO; use k > 1 for a tighter bound", stacklevel=3)
     name = str(objective)
+    if estimator != "reparam":
+        # STL and DReG are estimators of the IWAE bound's gradient; at k = 1 that bound is the ELBO.
+        if analytic_kl or (objective == "elbo" and k != 1):
+            raise ValueError(
+                f"estimator: {estimator!r} applies to objective='iwae' (or the ELBO with k=1 and no analytic KL)"
+            )
+        return iwae_objective(k, estimator=estimator), name, k
 
     def chosen(vae: VAE, x: Tensor) -> Tensor:
         return bound(vae, x, name, k, analytic_kl)
@@ -493,6 +505,7 @@ def fit(
     objective: ObjectiveName | Objective = "elbo",
     k: int | None = None,
     analytic_kl: bool = False,
+    estimator: IWAEEstimator = "reparam",
     epochs: int = 10,
     batch_size: int = 100,
     lr: float | None = None,
@@ -537,6 +550,11 @@ def fit(
         Not used with a callable objective.
     analytic_kl : bool
         For the ELBO, use the closed-form KL to the prior (refused with ``objective="iwae"``).
+    estimator : {"reparam", "stl", "dreg"}
+        The gradient estimator of the IWAE bound (see :func:`vaelib.iwae_gradients.iwae_surrogate`):
+        the reparameterization gradient, sticking the landing (Roeder et al. 2017; biased for the
+        encoder when ``k > 1``) or doubly reparameterized gradients (Tucker et al. 2018). The value
+        trained on is the bound in every case; only the encoder's gradient differs.
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
@@ -632,7 +650,7 @@ def fit(
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
     if not any(p.requires_grad for p in vae.parameters()):
         raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
-    train_objective, name, k = _resolve_objective(objective, k, analytic_kl)
+    train_objective, name, k = _resolve_objective(objective, k, analytic_kl, estimator)
     check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
     epochs = check_nonnegative_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -677,6 +695,7 @@ def fit(
         "scheduler": _name(scheduler) if scheduler is not None else None,
         "grad_clip": grad_clip,
         "binarize": binarize if binarize != bernoulli else None,
+        "estimator": estimator if estimator != "reparam" else None,
     }
     run = _Run(
         vae=vae,
