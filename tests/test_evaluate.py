@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
 
 import vaelib
-from vaelib.models import MIN_DECODER_SCALE
-
-
-def _inverse_softplus(y: float) -> float:
-    return math.log(math.expm1(y))
 
 
 def vae_from_toy(toy: vaelib.LinearGaussian, *, exact_encoder: bool = True) -> vaelib.VAE:
-    """A VAE whose generative model is ``toy`` (1-d latent) and whose encoder is its exact posterior."""
-    assert toy.z_dim == 1
-    x_dim = toy.x_dim
-    decoder = nn.Linear(1, 2 * x_dim).double()
-    encoder = nn.Linear(x_dim, 2).double()
-    post_var = 1.0 / (1.0 + float(toy.W.T @ toy.W) / toy.noise_std**2)
-    gain = post_var * toy.W.T / toy.noise_std**2  # (1, x_dim): posterior mean = gain @ (x - b)
-    with torch.no_grad():
-        decoder.weight.zero_()
-        decoder.weight[:x_dim] = toy.W
-        decoder.bias[:x_dim] = toy.b
-        decoder.bias[x_dim:] = _inverse_softplus(toy.noise_std - MIN_DECODER_SCALE)
-        encoder.weight.zero_()
-        encoder.weight[0] = gain[0] if exact_encoder else 0.5 * gain[0]
-        encoder.bias[0] = -(gain[0] @ toy.b) if exact_encoder else 0.0
-        encoder.bias[1] = _inverse_softplus(math.sqrt(post_var) - 1e-6) if exact_encoder else 0.0
-    return vaelib.VAE(encoder, decoder, x_dim=x_dim, z_dim=1, likelihood="gaussian")
+    """A VAE whose generative model is ``toy``; its encoder is the exact posterior or a poorer one."""
+    if exact_encoder:
+        return vaelib.VAE.from_linear_gaussian(toy)
+    # a shrunk mean and a three times wider scale: a proposal that still covers the posterior
+    return vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.5, scale_factor=3.0)
 
 
 @pytest.fixture
