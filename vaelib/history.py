@@ -58,6 +58,7 @@ class History:
             del column[epochs:]
 
     def to_dict(self) -> dict[str, Any]:
+        """The columns and flags as a plain dict (what a checkpoint stores)."""
         return asdict(self)
 
     @classmethod
