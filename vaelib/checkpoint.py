@@ -287,13 +287,12 @@ def verify_training_checkpoint(
     here = vae.state_dict()
     if not isinstance(state, dict) or set(state) != set(here):
         raise CheckpointError(f"{path}: the checkpoint holds the weights of another kind of model")
-    for name, t in state.items():
-        if not isinstance(t, torch.Tensor) or t.shape != here[name].shape:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(
-                f"{path}: the checkpoint's model has another shape: {name} is {shape} there, "
-                f"{tuple(here[name].shape)} here"
-            )
+    mismatch = _shape_mismatch(state, here)
+    if mismatch is not None:
+        name, shape, expected = mismatch
+        raise CheckpointError(
+            f"{path}: the checkpoint's model has another shape: {name} is {shape} there, {expected} here"
+        )
     if epochs is not None and isinstance(saved["epoch"], int) and saved["epoch"] > epochs:
         raise ValueError(
             f"epochs: {path} already holds {saved['epoch']} epochs, more than the {epochs} asked for; "
@@ -353,6 +352,17 @@ def save(vae: VAE, path: str | os.PathLike[str]) -> Path:
     return atomic_save(record, path)
 
 
+def _shape_mismatch(state: dict[str, Any], here: dict[str, torch.Tensor]) -> tuple[str, object, tuple[int, ...]] | None:
+    """The first entry of ``state`` (same names as ``here``) that is not a tensor of ``here``'s shape.
+
+    Returns ``(name, what the file holds, the shape wanted)``, or None when every shape agrees.
+    """
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.shape != here[name].shape:
+            return name, tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__, tuple(here[name].shape)
+    return None
+
+
 def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Load the record's weights into ``model``, after checking names and shapes; errors name ``path``."""
     state = record.get("state_dict")
@@ -364,13 +374,12 @@ def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.Pa
         raise CheckpointError(
             f"{path}: the weights do not fit the model: missing in the file {missing}, not in the model {extra}"
         )
-    for name, t in state.items():
-        if not isinstance(t, torch.Tensor) or t.shape != mine[name].shape:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(
-                f"{path}: the weights do not fit the model: {name} is {shape} in the file, "
-                f"{tuple(mine[name].shape)} in the model"
-            )
+    mismatch = _shape_mismatch(state, mine)
+    if mismatch is not None:
+        name, shape, expected = mismatch
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model: {name} is {shape} in the file, {expected} in the model"
+        )
     model.load_state_dict(state)
 
 
