@@ -126,7 +126,7 @@ def test_log_likelihood_restores_the_count(policy, digits, monkeypatch):
         return log_joint(x, z)
 
     monkeypatch.setattr(vae, "log_joint", spy)
-    vaelib.log_likelihood(vae, digits, k=20, batch_size=20, progress=False)
+    vaelib.log_likelihood(vae, digits, k=20, batch_size=20, binarize=True, progress=False)
     assert torch.get_num_threads() == DEFAULT
     assert set(seen) == {1, DEFAULT}  # both counts were timed
 
@@ -135,7 +135,7 @@ def test_log_likelihood_restores_the_count(policy, digits, monkeypatch):
 
     monkeypatch.setattr(vae, "log_joint", broken)
     with pytest.raises(RuntimeError, match="broken"):
-        vaelib.log_likelihood(vae, digits, k=20, batch_size=20, progress=False)
+        vaelib.log_likelihood(vae, digits, k=20, batch_size=20, binarize=True, progress=False)
     assert torch.get_num_threads() == DEFAULT
 
 
@@ -182,10 +182,29 @@ def _run(
 
 def test_quiet_machine_chooses_more_threads(policy, monkeypatch):
     """When torch's count is faster, nearly every step runs on it."""
-    tuner, counts = _run({1: 1.5e-3, DEFAULT: 1.0e-3}, 400, monkeypatch)
+    tuner, counts = _run({1: 1.5e-3, DEFAULT: 1.0e-3}, 2000, monkeypatch)
     assert tuner.choice() == DEFAULT
-    assert counts[DEFAULT] > 0.9 * 400
     assert torch.get_num_threads() == DEFAULT
+    # The three timed steps of the start, then a try of one thread every
+    # explore_fewer_every steps: well under 1% of the steps.
+    assert 2000 // tuner.explore_fewer_every <= counts[1] - 3 <= 2000 // tuner.explore_fewer_every + 1
+
+
+def test_a_small_drift_towards_fewer_threads_is_found(policy, monkeypatch):
+    """Steps on torch's count slow a little, but not past one thread's old time: the rare tries find the switch."""
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    with threads.StepThreads("cpu", 10**9) as tuner:
+        for i in range(1000):
+            drifted = i >= 200
+            with tuner.step() as n:
+                if n > 1:
+                    clock[0] += 1.4e-3 if drifted else 1.0e-3
+                else:
+                    clock[0] += 1.1e-3 if drifted else 1.5e-3
+            if i == 199:
+                assert tuner.choice() == DEFAULT
+    assert tuner.choice() == 1
 
 
 def test_busy_machine_chooses_one_thread_and_bounds_the_tries(policy, monkeypatch):
@@ -224,6 +243,8 @@ def test_busy_machine_starts_on_one_thread(policy, monkeypatch):
 def test_step_threads_argument_errors():
     with pytest.raises(ValueError, match="trials"):
         threads.StepThreads("cpu", 1, trials=0)
+    with pytest.raises(ValueError, match="explore_fewer_every"):
+        threads.StepThreads("cpu", 1, explore_every=16, explore_fewer_every=8)
     with pytest.raises(ValueError, match="overhead"):
         threads.StepThreads("cpu", 1, overhead=1.5)
 

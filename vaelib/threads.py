@@ -15,9 +15,12 @@ So vaelib's CPU loops (:func:`vaelib.train.fit`'s training steps,
 :func:`vaelib.evaluate.log_likelihood`'s passes,
 :func:`vaelib.estimators.gradient_samples`) time their own steps with one
 thread and with torch's default number, keep the faster, and try the other
-now and then, so a run adapts when another one starts or stops beside it;
-the tries of a slower count cost at most about 5% of the loop's time (see
-:class:`StepThreads`). Work too small for torch to split at all (fewer than
+now and then, so a run adapts when another one starts or stops beside it.
+A machine that becomes busy shows in the steps of the count in use, so
+fewer threads are tried only rarely; more threads are tried as often as
+their cost allows, since only a try can show that the machine has quietened.
+The tries of a slower count cost at most about 5% of the loop's time on a
+busy machine and well under 1% on a quiet one (see :class:`StepThreads`). Work too small for torch to split at all (fewer than
 ``SMALL_WORK`` multiply-adds per product) runs on one thread without timing.
 For the book's models the choice does not change the results: one and two
 threads train to the same bits (a test checks it).
@@ -175,10 +178,13 @@ class StepThreads:
     step slower than twice another's median); from then on the loop runs on
     the count with the lowest median of its last ``trials`` step times and
     now and then tries another one, so the choice follows the machine's load.
-    A try is at least ``explore_every`` steps after the last one, and after
-    at least ``1 / overhead`` times the extra seconds the last try cost, so
-    trying a count that is slow on a busy machine costs at most about
-    ``overhead`` of the loop's time. A loop over the same work that starts
+    A try of more threads is at least ``explore_every`` steps after the last
+    try, and after at least ``1 / overhead`` times the extra seconds the last
+    try cost, so trying a count that is slow on a busy machine costs at most
+    about ``overhead`` of the loop's time. A try of fewer threads waits
+    ``explore_fewer_every`` steps: when load arrives, the count in use slows
+    down and its own times move the choice, so these tries only catch a
+    small drift (on a quiet machine each one costs about half a step). A loop over the same work that starts
     within ``MEMORY_SECONDS`` of the last one's end in this process starts
     from what that one measured, and keeps to its waiting time before a try.
     On leaving, the caller's count is restored.
@@ -193,6 +199,8 @@ class StepThreads:
         Timed steps per candidate that make up its estimate.
     explore_every : int
         Fewest steps between two tries of a count that is not the current choice.
+    explore_fewer_every : int
+        Fewest steps between two tries of fewer threads than the current choice.
     overhead : float
         Share of the loop's time that tries of slower counts may cost.
     """
@@ -204,17 +212,23 @@ class StepThreads:
         *,
         trials: int = 3,
         explore_every: int = 16,
+        explore_fewer_every: int = 256,
         overhead: float = 0.05,
     ) -> None:
         if not isinstance(trials, int) or trials < 1:
             raise ValueError(f"trials: expected a positive int, got {trials!r}")
         if not isinstance(explore_every, int) or explore_every < 1:
             raise ValueError(f"explore_every: expected a positive int, got {explore_every!r}")
+        if not isinstance(explore_fewer_every, int) or explore_fewer_every < explore_every:
+            raise ValueError(
+                f"explore_fewer_every: expected an int of at least explore_every, got {explore_fewer_every!r}"
+            )
         if not 0 < overhead < 1:
             raise ValueError(f"overhead: expected a number in (0, 1), got {overhead!r}")
         self.options = thread_options(device, work)
         self.trials = trials
         self.explore_every = explore_every
+        self.explore_fewer_every = explore_fewer_every
         self.overhead = overhead
         self.seconds: dict[int, list[float]] = {n: [] for n in self.options}
         self.steps = 0  # steps run, the warm-up included
@@ -289,10 +303,13 @@ class StepThreads:
         if unsettled:
             return min(unsettled, key=lambda n: len(self.seconds[n]))
         best = self.choice()
-        if self.steps - self._last_try >= self.explore_every and self.spent >= self._next_try_at:
-            others = [n for n in self.options if n != best]
-            return others[self._tries % len(others)]
-        return best
+        if self.spent < self._next_try_at:
+            return best
+        since = self.steps - self._last_try
+        others = [n for n in self.options if n != best]
+        other = others[self._tries % len(others)]
+        every = self.explore_every if other > best else self.explore_fewer_every
+        return other if since >= every else best
 
     @contextlib.contextmanager
     def step(self) -> Iterator[int]:
