@@ -20,8 +20,9 @@ A machine that becomes busy shows in the steps of the count in use, so
 fewer threads are tried only rarely; more threads are tried as often as
 their cost allows, since only a try can show that the machine has quietened.
 The tries of a slower count cost at most about 5% of the loop's time on a
-busy machine and well under 1% on a quiet one (see :class:`StepThreads`). Work too small for torch to split at all (fewer than
-``SMALL_WORK`` multiply-adds per product) runs on one thread without timing.
+busy machine and well under 1% on a quiet one (see :class:`StepThreads`).
+Work too small for torch to split at all (fewer than ``SMALL_WORK``
+multiply-adds per product) runs on one thread without timing.
 For the book's models the choice does not change the results: one and two
 threads train to the same bits (a test checks it).
 
