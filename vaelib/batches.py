@@ -118,7 +118,7 @@ class _Rows(Dataset[Tensor]):
         return torch.stack([_row(self.data[int(i)]) for i in indices])  # (batch, *event_shape)
 
 
-def _batch(rows: Tensor) -> Tensor:
+def _batch(rows: Any) -> Any:
     """The DataLoader's collate function: ``__getitems__`` has stacked the batch already."""
     return rows
 
@@ -185,7 +185,7 @@ class StreamedBatches:
         self._generator = torch.Generator()  # the loader's own seeds: the global generator is not drawn from
         self.loader = DataLoader(
             self.rows,
-            batch_sampler=self._sampler,  # type: ignore[arg-type]
+            batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=_batch,
             pin_memory=device.type == "cuda",

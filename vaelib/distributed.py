@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,7 @@ def shutdown() -> None:
 class _Objective(nn.Module):
     """The model and its objective as one module whose forward is the bound per row, for DDP to wrap."""
 
-    def __init__(self, vae: nn.Module, objective: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    def __init__(self, vae: nn.Module, objective: Callable[[Any, Tensor], Tensor]) -> None:
         super().__init__()
         self.vae = vae
         self.objective = objective
@@ -107,7 +108,7 @@ class _Objective(nn.Module):
         return self.objective(self.vae, x)  # (rows,)
 
 
-def wrap(vae: nn.Module, objective: Callable[[nn.Module, Tensor], Tensor], device: torch.device) -> nn.Module:
+def wrap(vae: nn.Module, objective: Callable[[Any, Tensor], Tensor], device: torch.device) -> nn.Module:
     """``objective(vae, x)`` as a DistributedDataParallel module: its backward all-reduces the gradients.
 
     Rank 0's weights are broadcast to the other ranks here. The objective must use
@@ -116,7 +117,6 @@ def wrap(vae: nn.Module, objective: Callable[[nn.Module, Tensor], Tensor], devic
     return DistributedDataParallel(
         _Objective(vae, objective),
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
     )
 
 

@@ -468,8 +468,9 @@ def _open_checkpoint(run: _Run, history: History, resume: bool) -> tuple[History
     lock = contextlib.ExitStack()
     path = run.path
     try:
-        if path is not None and run.rank == 0:  # rank 0 writes the file; every rank reads it
-            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+        if path is not None:
+            if run.rank == 0:  # rank 0 writes the file; every rank reads it
+                lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
             if resume and path.exists():
                 history = read_training_checkpoint(
                     path, run.vae, run.opt, run.settings, epochs=run.epochs, scheduler=run.scheduler
