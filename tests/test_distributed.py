@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,29 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint(tmp_path, reference):
     assert sorted(r["rows"] for r in ranks) == [113 * 2, 114 * 2]
     for r in ranks:
         assert close(r["state"], reference[3])
+
+
+def test_the_command_line_under_torchrun_trains_and_resumes(tmp_path):
+    """``torchrun -m vaelib train``: rank 0 alone prints and writes; --resume continues the history."""
+    out = tmp_path / "run"
+    options = ["--data", "digits", "--batch-size", "50", "--hidden", "16", "--z-dim", "3", "--test-k", "5"]
+    options += ["--device", "cpu", "--out", str(out)]
+
+    def launch(*extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VAELIB_PROGRESS": "0"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        command += ["-m", "vaelib", "train", *options, *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+    first = launch("--epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("epoch 2/2") == 1 and first.stdout.count("test ELBO") == 1
+    before = json.loads((out / "metrics.json").read_text())["history"]
+    second = launch("--epochs", "3", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "epoch 1/3" not in second.stdout and second.stdout.count("epoch 3/3") == 1
+    after = json.loads((out / "metrics.json").read_text())["history"]
+    assert after["epoch"] == [1, 2, 3]
+    assert after["train_bound"][:2] == before["train_bound"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "run.json", "samples.png"]
