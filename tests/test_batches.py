@@ -132,3 +132,15 @@ def test_bad_arguments_are_refused(digits):
         vaelib.fit(vae, TensorDataset(torch.rand(0, 64)), device="cpu")
     with pytest.raises(TypeError, match=r"train_x: expected a torch\.Tensor or numpy array, a map-style Dataset"):
         vaelib.fit(vae, [[0.0] * 64], device="cpu")
+
+
+def test_the_streaming_benchmark_runs_tiny(tmp_path):
+    """benchmarks.streaming on 300 digits: both ways train, the record has the figures and equal weights."""
+    from benchmarks import streaming
+
+    record = streaming.main(
+        ["--train-size", "300", "--epochs", "2", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)]
+    )
+    assert record["same_weights"] is True and record["train_images"] == 300
+    assert record["resident_images_per_s"] > 0 and record["streamed_images_per_s"] > 0
+    assert (tmp_path / "streaming-digits-cpu.json").exists()
