@@ -97,3 +97,41 @@ def test_the_command_line_under_torchrun_trains_and_resumes(tmp_path):
     assert after["epoch"] == [1, 2, 3]
     assert after["train_bound"][:2] == before["train_bound"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "run.json", "samples.png"]
+
+
+def test_iwae_table_places_one_model_per_device(tmp_path, monkeypatch):
+    """benchmarks.iwae_table --devices: model i trains in its own process on device i (mod the device count)."""
+    from benchmarks import iwae_table
+
+    started: list[list[str]] = []
+
+    class Worker:
+        def __init__(self, command: list[str], cwd: object) -> None:
+            started.append(command)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(iwae_table.subprocess, "Popen", Worker)
+    settings = iwae_table.Settings(
+        smoke=True,
+        data_dir=None,
+        device=torch.device("cpu"),
+        checkpoint_dir=tmp_path,
+        stages=1,
+        until_stage=None,
+        deadline=None,
+        seed=0,
+    )
+    specs = [iwae_table.spec(m) for m in iwae_table.MODELS]
+    assert iwae_table.parse_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]  # the workers are not started here
+    iwae_table.train_all(specs, torch.zeros(1, 64), settings, parallel=True, threads=1, devices=gpus)
+    assert [c[c.index("--worker") + 1] for c in started] == list(iwae_table.MODELS)
+    assert all(c.count("--device") == 1 for c in started)
+    assert [c[c.index("--device") + 1] for c in started] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(SystemExit, match="--devices"):
+        iwae_table.parse_devices("tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--devices all needs CUDA"):
+            iwae_table.parse_devices("all")
