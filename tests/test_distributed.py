@@ -57,6 +57,7 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, reference):
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".checkpoint.pt.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_rank_resumes_from_the_last_checkpoint(tmp_path, reference):
     """Rank 1 is killed after epoch 1's checkpoint; --resume continues at epoch 2 and ends where one run ends."""
     killed = torchrun(tmp_path, 3, "--kill-after", "1")
@@ -73,6 +74,7 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint(tmp_path, reference):
         assert close(r["state"], reference[3])
 
 
+@pytest.mark.slow
 def test_the_command_line_under_torchrun_trains_and_resumes(tmp_path):
     """``torchrun -m vaelib train``: rank 0 alone prints and writes; --resume continues the history."""
     out = tmp_path / "run"

@@ -585,8 +585,8 @@ def fit(
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
         Rows per step, all processes together: under ``torchrun`` each of :math:`R` ranks
-        takes ``batch_size / R`` rows of every batch, and the step follows the mean over the
-        whole batch (see :mod:`vaelib.distributed`).
+        takes ``batch_size / R`` rows of every batch (a multiple of :math:`R` is required),
+        and the step follows the mean over the whole batch (see :mod:`vaelib.distributed`).
     lr : float, optional
         Learning rate of the default optimizer, fused Adam (1e-3 if not given).
     optimizer : callable, optional
