@@ -64,6 +64,16 @@ def test_a_dataloader_gives_its_dataset(digits):
     assert same(reference, streamed)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_callers_random_state_is_left_alone(digits, stream):
+    """Reading a data set (materialized or streamed, with a worker) draws nothing from the global generator."""
+    vae = vaelib.VAE.mlp(x_dim=64, z_dim=4, hidden=(32,))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    vaelib.fit(vae, TensorDataset(digits), epochs=1, device="cpu", progress=False, stream=stream, loader_workers=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_different_seed_gives_different_weights(digits):
     """The comparisons above can fail: another order of the rows ends elsewhere."""
     reference, _ = trained(digits, stream=True, loader_workers=0)

@@ -232,6 +232,15 @@ def _item_shape(data: Dataset[Any], event_shape: tuple[int, ...], likelihood: st
     return check_data(_row(data[0])[None], "train_x", event_shape=event_shape, likelihood=likelihood)
 
 
+def _gather(data: Dataset[Any], workers: int, chunk: int = 1024) -> Tensor:
+    """Every row of a data set, in order, read by ``workers`` processes a chunk at a time."""
+    n = len(data)  # type: ignore[arg-type]
+    chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    own = torch.Generator()  # not the caller's global generator
+    loader = DataLoader(_Rows(data), batch_sampler=chunks, num_workers=workers, collate_fn=_batch, generator=own)
+    return torch.cat(list(loader))  # (n, *event_shape)
+
+
 def batch_source(
     data: Tensor | np.ndarray | Dataset[Any] | DataLoader[Any],
     *,
@@ -291,6 +300,5 @@ def batch_source(
         stream = size > device_budget(device)
     if stream:
         return StreamedBatches(data, device, dtype, workers)
-    rows = _Rows(data).__getitems__(range(len(data)))  # (n, *event_shape)
-    x = check_data(rows, "train_x", event_shape=event_shape, likelihood=likelihood)
+    x = check_data(_gather(data, workers), "train_x", event_shape=event_shape, likelihood=likelihood)
     return ResidentBatches(x, device, dtype)
