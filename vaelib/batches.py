@@ -54,7 +54,7 @@ def index_batches(perm: Tensor, batch_size: int, rank: int = 0, world_size: int 
     Batch :math:`j` is ``perm[j * batch_size : (j + 1) * batch_size]`` (the last one
     may be shorter); with ``world_size`` processes, rank :math:`r` takes the
     :math:`r`-th of ``world_size`` nearly equal consecutive pieces of it
-    (:func:`torch.tensor_split`), so the ranks together cover each batch once.
+    (``torch.tensor_split``), so the ranks together cover each batch once.
 
     Yields
     ------
@@ -72,7 +72,7 @@ def index_batches(perm: Tensor, batch_size: int, rank: int = 0, world_size: int 
 def device_budget(device: torch.device) -> int:
     """Bytes of training data that may live on ``device``: half of the memory it has free.
 
-    On CUDA the free memory is :func:`torch.cuda.mem_get_info`; on Apple's MPS
+    On CUDA the free memory is ``torch.cuda.mem_get_info``; on Apple's MPS
     the recommended working set; on the CPU the available physical memory.
     """
     if device.type == "cuda":
@@ -167,7 +167,7 @@ class StreamedBatches:
 
     Parameters
     ----------
-    data : Tensor or map-style Dataset
+    data : Tensor or torch.utils.data.Dataset
         Rows on the host; a data set's items are tensors or arrays of shape
         ``event_shape``, or pairs whose first element is one.
     workers : int
@@ -255,7 +255,7 @@ def batch_source(
 
     Parameters
     ----------
-    data : Tensor, ndarray, map-style Dataset or DataLoader
+    data : Tensor, ndarray, torch.utils.data.Dataset or torch.utils.data.DataLoader
         The training rows, shape ``(n, *event_shape)``; of a DataLoader only its
         ``dataset`` (and its ``num_workers``, unless ``workers`` is given) is used.
         A tensor or array is checked whole; a data set only by its first item.

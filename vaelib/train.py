@@ -564,9 +564,10 @@ def fit(
     ----------
     vae : VAE
         The model; it is moved to ``device`` and trained in place.
-    train_x : Tensor, ndarray, map-style Dataset or DataLoader, shape ``(n, *x_shape)``
-        Training data, in [0, 1] for a Bernoulli likelihood. A data set's items are rows
-        (or pairs whose first element is the row); of a DataLoader only its data set is used.
+    train_x : Tensor, ndarray, torch.utils.data.Dataset or torch.utils.data.DataLoader
+        Training data of shape ``(n, *x_shape)``, in [0, 1] for a Bernoulli likelihood. A
+        map-style data set's items are rows (or pairs whose first element is the row); of a
+        DataLoader only its data set is used.
     objective : {"elbo", "iwae"} or callable
         A callable follows the :class:`Objective` protocol: ``objective(vae, x)``
         returns a differentiable bound per data point, shape ``(batch,)``.
