@@ -329,19 +329,22 @@ class _Run:
 
 def _step(run: _Run, xb: Tensor, size: int) -> Tensor:
     """One gradient step on the batch (this rank's ``xb`` of ``size`` rows); returns ``xb``'s summed bound."""
+    weight = run.world_size / size  # DDP averages over the ranks: the mean over the whole batch
+    if xb.shape[0] == 0:  # no share of a last batch shorter than the rank count: a stand-in of weight 0
+        xb, weight = xb.new_zeros((1, *xb.shape[1:])), 0.0
     b = run.objective(run.vae, xb) if run.ddp is None else run.ddp(xb)  # (rows,)
     if b.shape != xb.shape[:1]:
         raise ValueError(f"objective: expected a bound per data point of shape ({xb.shape[0]},), got {tuple(b.shape)}")
     run.opt.zero_grad(set_to_none=True)
     if run.ddp is None:
         (-b.mean()).backward()
-    else:  # DDP averages over the ranks: the mean over the whole batch
-        (-b.sum() * (run.world_size / size)).backward()
+    else:
+        (-b.sum() * weight).backward()
     if run.grad_clip is not None:
         # foreach clipping scales on the device: no host sync
         torch.nn.utils.clip_grad_norm_(run.vae.parameters(), run.grad_clip, foreach=True)
     run.opt.step()
-    return b.detach().sum()
+    return b.detach().sum() if weight > 0 else b.detach().sum() * 0.0
 
 
 def _train_epoch(run: _Run, epoch: int) -> float:
