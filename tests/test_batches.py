@@ -145,12 +145,13 @@ def test_bad_arguments_are_refused(digits):
 
 
 def test_the_streaming_benchmark_runs_tiny(tmp_path):
-    """benchmarks.streaming on 300 digits: both ways train, the record has the figures and equal weights."""
+    """benchmarks.streaming on 300 digits: every way trains, the record has the figures and equal weights."""
     from benchmarks import streaming
 
-    record = streaming.main(
-        ["--train-size", "300", "--epochs", "2", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)]
-    )
-    assert record["same_weights"] is True and record["train_images"] == 300
-    assert record["resident_images_per_s"] > 0 and record["streamed_images_per_s"] > 0
+    argv = ["--train-size", "300", "--epochs", "2", "--repeats", "2", "--workers", "0,1", "--out", str(tmp_path)]
+    record = streaming.main(argv)
+    assert record["same_weights"] is True and record["train_images"] == 300 and record["source"] == "items"
+    assert record["workers"] == 0 and set(record["by_workers"]) == {"0", "1"}
+    assert len(record["resident_seconds"]) == 2 and len(record["by_workers"]["1"]["seconds"]) == 2
+    assert record["ratio"] == record["by_workers"]["0"]["ratio"] > 0
     assert (tmp_path / "streaming-digits-cpu.json").exists()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from vaelib._checks import as_tensor, check_bool, check_data, check_nonnegative_int
 
@@ -88,9 +88,15 @@ def device_budget(device: torch.device) -> int:
         return 2**62
 
 
-def default_workers() -> int:
-    """Worker processes that gather streamed batches: half the CPU cores, at least 1 and at most 4."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+def default_workers(device: torch.device) -> int:
+    """Worker processes that gather streamed batches for ``device``: at most 4.
+
+    For an accelerator, half the CPU cores (at least 1): the host only gathers
+    and copies. For the CPU, one fewer (none on 2 cores): there the workers take
+    cores from the training steps themselves.
+    """
+    half = (os.cpu_count() or 2) // 2
+    return min(4, max(1, half) if device.type != "cpu" else max(0, half - 1))
 
 
 def _row(item: object) -> Tensor:
@@ -104,7 +110,8 @@ class _Rows(Dataset[Tensor]):
     """A tensor or map-style data set whose batches are gathered in one call (``__getitems__``)."""
 
     def __init__(self, data: Tensor | Dataset[Any]) -> None:
-        self.data = data
+        # a TensorDataset's rows are its first tensor: one indexing gathers a batch
+        self.data = data.tensors[0] if isinstance(data, TensorDataset) else data
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
@@ -278,7 +285,7 @@ def batch_source(
     if isinstance(data, DataLoader):
         workers = data.num_workers if workers is None else workers
         data = data.dataset
-    workers = default_workers() if workers is None else check_nonnegative_int(workers, "workers")
+    workers = default_workers(device) if workers is None else check_nonnegative_int(workers, "workers")
     if isinstance(data, IterableDataset):
         raise TypeError("train_x: expected a map-style Dataset (with __len__ and __getitem__), got an IterableDataset")
     if isinstance(data, Tensor) and data.requires_grad:

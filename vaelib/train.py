@@ -653,7 +653,8 @@ def fit(
         by default resident when the data fit half of the device's free memory
         (:mod:`vaelib.batches`). Both read the same batches: a CPU run ends with the same weights.
     loader_workers : int, optional
-        Worker processes that gather streamed batches (half the CPU cores, at most 4, by default).
+        Worker processes that gather streamed batches (by default
+        :func:`~vaelib.batches.default_workers`: half the CPU cores, one fewer when training on the CPU).
 
     Returns
     -------
