@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_before": load_before,
         "load_after": load_after,
     }
-    record, path = _record.write("streaming", figures, device, out=args.out)
+    record_name = (
+        "streaming" + ("-tensors" if args.source == "tensors" else "") + ("" if name == "mnist" else f"-{name}")
+    )
+    record, path = _record.write("streaming", figures, device, name=record_name, out=args.out)
     rates = ", ".join(f"{w} workers {rate[f'streamed-{w}']:.0f}" for w in counts)
     print(
         f"streaming: resident {rate['resident']:.0f} images/s, streamed ({args.source}) {rates} images/s; "

@@ -122,7 +122,12 @@ class _Rows(Dataset[Tensor]):
     def __getitems__(self, indices: Sequence[int]) -> Tensor:
         if isinstance(self.data, Tensor):
             return self.data[torch.as_tensor(indices, dtype=torch.long)]  # (batch, *event_shape)
-        return torch.stack([_row(self.data[int(i)]) for i in indices])  # (batch, *event_shape)
+        items = [self.data[i] for i in indices]
+        if isinstance(items[0], tuple | list):
+            items = [item[0] for item in items]  # (x, y) pairs: the rows
+        if all(isinstance(item, Tensor) for item in items):
+            return as_tensor(torch.stack(items), "train_x")  # (batch, *event_shape)
+        return torch.stack([_row(item) for item in items])  # (batch, *event_shape)
 
 
 def _batch(rows: Any) -> Any:
