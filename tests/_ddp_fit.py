@@ -1,9 +1,11 @@
 """A training run for tests/test_distributed.py, started by ``torchrun`` (or in-process, as one rank).
 
 ``python -m torch.distributed.run --nproc-per-node 2 tests/_ddp_fit.py OUT EPOCHS [--resume] [--kill-after E]``
+``[--stream]``
 trains a float64 VAE on 201 digits with a bound that draws no random numbers, so that two ranks and one
 process take the same steps up to rounding, and writes ``OUT/rank<r>.pt``: the weights, the history and
-the number of rows this rank trained on.
+the number of rows this rank trained on. With ``--stream`` the rows come from a map-style data set of
+(image, label) pairs, streamed by a DataLoader with one worker process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset
 
 import vaelib
 
@@ -35,7 +38,26 @@ def mean_code_bound(vae: vaelib.VAE, x: Tensor) -> Tensor:
 mean_code_bound.rows = 0  # type: ignore[attr-defined]
 
 
-def train(epochs: int, checkpoint: Path | None = None, resume: bool = False, kill_after: int | None = None):
+class Pairs(Dataset):
+    """(image, label) pairs, read one at a time."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.x[i], i % 10
+
+
+def train(
+    epochs: int,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    kill_after: int | None = None,
+    stream: bool = False,
+):
     torch.manual_seed(0)
     vae = vaelib.VAE.mlp(x_dim=64, z_dim=3, hidden=(16,)).double()
     x = vaelib.data.load_digits()[0][:ROWS].double()
@@ -48,7 +70,7 @@ def train(epochs: int, checkpoint: Path | None = None, resume: bool = False, kil
 
     history = vaelib.fit(
         vae,
-        x,
+        Pairs(x) if stream else x,
         objective=mean_code_bound,
         binarize=False,
         epochs=epochs,
@@ -61,6 +83,8 @@ def train(epochs: int, checkpoint: Path | None = None, resume: bool = False, kil
         resume=resume,
         progress=False,
         callback=kill if kill_after is not None else None,
+        stream=stream,
+        loader_workers=1,
     )
     return vae, history
 
@@ -71,8 +95,9 @@ def main() -> None:
     parser.add_argument("epochs", type=int)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
-    vae, history = train(args.epochs, args.out / "checkpoint.pt", args.resume, args.kill_after)
+    vae, history = train(args.epochs, args.out / "checkpoint.pt", args.resume, args.kill_after, args.stream)
     rank, world_size = vaelib.distributed.rank_and_world_size()
     record = {
         "state": vae.state_dict(),

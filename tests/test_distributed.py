@@ -59,12 +59,15 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, reference):
 
 @pytest.mark.slow
 def test_a_killed_rank_resumes_from_the_last_checkpoint(tmp_path, reference):
-    """Rank 1 is killed after epoch 1's checkpoint; --resume continues at epoch 2 and ends where one run ends."""
-    killed = torchrun(tmp_path, 3, "--kill-after", "1")
+    """Rank 1 is killed after epoch 1's checkpoint; --resume continues at epoch 2 and ends where one run ends.
+
+    Both runs stream their rows from a data set of (image, label) pairs: the same batches as the resident run.
+    """
+    killed = torchrun(tmp_path, 3, "--kill-after", "1", "--stream")
     assert killed.returncode != 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not (tmp_path / "rank0.pt").exists()
-    resumed = torchrun(tmp_path, 3, "--resume")
+    resumed = torchrun(tmp_path, 3, "--resume", "--stream")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["epochs"] == [1, 2, 3]

@@ -122,6 +122,9 @@ class _Rows(Dataset[Tensor]):
     def __getitems__(self, indices: Sequence[int]) -> Tensor:
         if isinstance(self.data, Tensor):
             return self.data[torch.as_tensor(indices, dtype=torch.long)]  # (batch, *event_shape)
+        if len(indices) == 0:  # a rank's share of a batch shorter than the rank count
+            first = _row(self.data[0])
+            return first.new_empty((0, *first.shape))
         items = [self.data[i] for i in indices]
         if isinstance(items[0], tuple | list):
             items = [item[0] for item in items]  # (x, y) pairs: the rows
