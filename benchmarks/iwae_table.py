@@ -26,10 +26,14 @@ number generator (``fit`` re-seeds the global one every epoch, which threads
 would share) and its own CPU core to launch kernels from (these small networks
 are bound by the launch rate, which threads in one process would share under
 Python's global interpreter lock). On a CPU they run one after another.
+``--devices all`` (or a list such as ``cuda:0,cuda:1``) places the models on
+the GPUs of the node, one model per device in turn, so a node with five GPUs
+trains the table in the time of its slowest model.
 
 Usage::
 
     python -m benchmarks.iwae_table --data-dir DIR --time-budget 540          # then again with --resume
+    python -m benchmarks.iwae_table --data-dir DIR --devices all              # one model per GPU
     python -m benchmarks.iwae_table --smoke                                   # digits, tiny schedule, seconds
 """
 
@@ -217,17 +221,40 @@ def train_model(s: Spec, train_x: torch.Tensor, settings: Settings, *, progress:
     return last == len(plan) - 1
 
 
+def parse_devices(text: str | None) -> list[torch.device] | None:
+    """``--devices``: ``all`` (every visible CUDA device) or a comma-separated list; ``None`` if not given."""
+    if text is None:
+        return None
+    if text == "all":
+        if not torch.cuda.is_available():
+            raise SystemExit("iwae_table: --devices all needs CUDA devices, and none is visible")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    try:
+        devices = [resolve_device(name.strip()) for name in text.split(",") if name.strip()]
+    except ValueError as err:
+        raise SystemExit(f"iwae_table: --devices: {err}") from None
+    if not devices:
+        raise SystemExit("iwae_table: --devices: expected 'all' or a comma-separated list such as cuda:0,cuda:1")
+    return devices
+
+
 def train_all(
-    specs: list[Spec], train_x: torch.Tensor, settings: Settings, *, parallel: bool, threads: int | None
+    specs: list[Spec],
+    train_x: torch.Tensor,
+    settings: Settings,
+    *,
+    parallel: bool,
+    threads: int | None,
+    devices: list[torch.device] | None = None,
 ) -> None:
-    """Train every model: one process per model, or one after another in this process."""
+    """Train every model: one process per model (model i on ``devices[i % len(devices)]``), or one after another."""
     if not parallel:
         for s in specs:
             train_model(s, train_x, settings, progress=None if not settings.smoke else False)
         return
     per_worker = threads or max(1, (os.cpu_count() or 1) // len(specs))
     # Workers start in the repository root: give them absolute paths.
-    common = ["--device", str(settings.device), "--checkpoint-dir", str(settings.checkpoint_dir.resolve())]
+    common = ["--checkpoint-dir", str(settings.checkpoint_dir.resolve())]
     common += ["--stages", str(settings.stages), "--seed", str(settings.seed), "--threads", str(per_worker)]
     if settings.smoke:
         common.append("--smoke")
@@ -237,10 +264,12 @@ def train_all(
         common += ["--until-stage", str(settings.until_stage)]
     if settings.deadline is not None:
         common += ["--deadline", repr(settings.deadline)]
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "benchmarks.iwae_table", "--worker", s.name, *common], cwd=_record.ROOT)
-        for s in specs
-    ]
+    places = devices or [settings.device]
+    workers = []
+    for i, s in enumerate(specs):
+        device = ["--device", str(places[i % len(places)])]
+        command = [sys.executable, "-m", "benchmarks.iwae_table", "--worker", s.name, *device, *common]
+        workers.append(subprocess.Popen(command, cwd=_record.ROOT))
     codes = [w.wait() for w in workers]
     failed = [s.name for s, code in zip(specs, codes, strict=True) if code != 0]
     if failed:
@@ -334,6 +363,9 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="one process per model (auto: on CUDA) or one model after another",
     )
+    parser.add_argument(
+        "--devices", help="'all' GPUs of the node or a list such as cuda:0,cuda:1: one model per device, in turn"
+    )
     parser.add_argument("--eval-k", type=int, help="importance samples for the test NLL (default 5000; smoke 50)")
     parser.add_argument("--eval-batch-size", type=int, help="test images per pass of log_likelihood")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (per process)")
@@ -384,10 +416,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(f"iwae_table: {run_file} was written with other settings: {run_state['settings']}")
     train_x, test_x = load_data(settings)
     parallel = args.parallel == "processes" or (args.parallel == "auto" and device.type == "cuda")
+    devices = parse_devices(args.devices)
+    if devices is not None and args.parallel == "none":
+        raise SystemExit("iwae_table: --devices places one process per model; it cannot go with --parallel none")
+    parallel = parallel or devices is not None
 
     start = time.perf_counter()
     try:
-        train_all(specs, train_x, settings, parallel=parallel, threads=args.threads)
+        train_all(specs, train_x, settings, parallel=parallel, threads=args.threads, devices=devices)
     finally:
         run_state["train_wall_seconds"] += time.perf_counter() - start
         _write_json(run_file, run_state)
@@ -429,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "eval_k": eval_k,
         "active_unit_threshold": 0.01,
         "parallel": "one process per model" if parallel else "one model after another",
+        "devices": [str(d) for d in devices] if devices is not None else [str(device)],
         "train_seconds_total": round(run_state["train_wall_seconds"], 1),
         "rows": rows,
     }

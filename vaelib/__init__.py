@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, callbacks, data, plot, synthesis
+from vaelib import anomaly, batches, callbacks, data, distributed, plot, synthesis
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -32,9 +32,11 @@ __all__ = [
     "active_units",
     "anomaly",
     "as_multivariate_normal",
+    "batches",
     "callbacks",
     "data",
     "default_device",
+    "distributed",
     "elbo_from_log_weights",
     "elbo_surrogate",
     "fit",

@@ -15,6 +15,11 @@ status 130 (Ctrl-C), 143 (SIGTERM, as cluster schedulers send before killing a
 job) or 129 (SIGHUP), keeps the last completed epoch and continues with
 ``--resume``. A run holds a lock on its folder: a second ``train`` into the
 same ``--out`` is refused with the first one's pid.
+
+Started by ``torchrun`` (``torchrun --nproc-per-node 4 -m vaelib train ...``),
+every process trains one share of each batch of ``--batch-size`` rows (the
+global batch, see :mod:`vaelib.distributed`); rank 0 alone checks ``--out``,
+fetches the data, writes the files and prints.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, OBJECTIVES, check_architecture
@@ -39,6 +45,7 @@ from vaelib._lock import RunLocked, exclusive
 from vaelib._progress import progress_enabled
 from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
+from vaelib.distributed import init_from_env, rank_and_world_size, shutdown
 from vaelib.evaluate import log_likelihood
 from vaelib.history import History
 from vaelib.models import ACTIVATIONS, VAE
@@ -59,6 +66,7 @@ EPILOG = """examples:
   vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5 --resume
   vaelib train --data mnist --root data/mnist --download --z-dim 50 --out runs/mnist
   vaelib evaluate runs/iwae5 --k 5000
+  torchrun --nproc-per-node 4 -m vaelib train --data mnist --root data/mnist --out runs/mnist
 
 errors print one line and exit with status 2; an interrupted run exits with 130
 (143 for SIGTERM, 129 for SIGHUP) and continues with --resume."""
@@ -276,9 +284,16 @@ def train(args: argparse.Namespace) -> int:
         check_architecture(X_DIM[args.data], args.z_dim, tuple(args.hidden), args.likelihood)
     except ValueError as err:
         raise ValueError(f"--hidden, --z-dim: {str(err).split(': ', 1)[1]}") from None
+    device = init_from_env(resolve_device(args.device))  # under torchrun: join the group
+    rank, world_size = rank_and_world_size()
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size: the global batch of {args.batch_size} does not split among {world_size} ranks")
+    if rank != 0:
+        return _train_rank(args, checkpoint, device)
     _check_out(out, args.out, args.resume)
-    device = resolve_device(args.device)
     train_x, test_x = _load_data(args.data, args.root, args.download)
+    if world_size > 1:
+        dist.barrier()  # the data are here: the other ranks may read them
     root = str(Path(args.root).resolve()) if args.root else None
     config = {"format": "vaelib-run", "x_dim": train_x.shape[1], "root": root, "epochs": args.epochs}
     config |= {key: getattr(args, key) for key in _FIXED}
@@ -286,6 +301,22 @@ def train(args: argparse.Namespace) -> int:
     with exclusive(out / LOCK, f"the run folder {out}"):
         _check_out(out, args.out, args.resume)  # again, now that no other run can change it
         return _train_locked(args, out, checkpoint, config, device, train_x, test_x)
+
+
+def _train_rank(args: argparse.Namespace, checkpoint: Path, device: torch.device) -> int:
+    """A rank other than 0 under torchrun: it trains its share of every batch and writes nothing."""
+    dist.barrier()  # rank 0 has checked --out and fetched the data
+    train_x, _ = _load_data(args.data, args.root, download=False)
+    torch.manual_seed(args.seed)
+    vae = VAE.mlp(train_x.shape[1], args.z_dim, tuple(args.hidden), args.activation, args.likelihood)
+    options = {
+        key: getattr(args, key)
+        for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed", "matmul_precision")
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fit: interrupted")  # rank 0 says it
+        history = fit(vae, train_x, **options, device=device, checkpoint=checkpoint, resume=args.resume, progress=False)
+    return _STOP.status() if history.interrupted else 0
 
 
 def _train_locked(
@@ -432,3 +463,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, TrainingDiverged, RunLocked) as err:
         print(f"vaelib {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        shutdown()  # leave the process group that torchrun's environment made this command join, if any

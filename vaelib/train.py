@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
 
 from vaelib._checks import (
     MATMUL_PRECISIONS,
@@ -55,9 +56,11 @@ from vaelib._checks import (
 )
 from vaelib._lock import exclusive
 from vaelib._progress import progress_bar, progress_enabled
+from vaelib.batches import ResidentBatches, StreamedBatches, batch_source
 from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
+from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
 from vaelib.history import History
 from vaelib.iwae_gradients import IWAE_ESTIMATORS, iwae_objective
 from vaelib.models import VAE
@@ -277,11 +280,15 @@ def _make_scheduler(opt: Optimizer, scheduler: SchedulerFactory | None) -> Any:
 
 
 @torch.no_grad()
-def _mean_bound(vae: VAE, x: Tensor, objective: Objective, batch_size: int) -> Tensor:
+def _sum_bound(vae: VAE, x: Tensor, objective: Objective, batch_size: int) -> Tensor:
     total = torch.zeros((), device=x.device, dtype=x.dtype)
     for i in range(0, x.shape[0], batch_size):
         total += objective(vae, x[i : i + batch_size]).sum()
-    return total / x.shape[0]
+    return total
+
+
+def _mean_bound(vae: VAE, x: Tensor, objective: Objective, batch_size: int) -> Tensor:
+    return _sum_bound(vae, x, objective, batch_size) / x.shape[0]
 
 
 def _all_finite(vae: VAE) -> bool:
@@ -294,7 +301,7 @@ class _Run:
     """Everything one call of :func:`fit` resolved before the first epoch."""
 
     vae: VAE
-    x: Tensor  # (n, *event_shape), on the device
+    batches: ResidentBatches | StreamedBatches  # the training rows (vaelib.batches)
     valid: Tensor | None  # binarized once when binarize is on
     objective: Objective
     valid_objective: Objective
@@ -315,38 +322,51 @@ class _Run:
         None  # set while an epoch is part-way through
     )
     threads: StepThreads | None = None  # the CPU thread policy of the steps, set by fit
+    rank: int = 0  # this process and the number of processes (vaelib.distributed)
+    world_size: int = 1
+    ddp: nn.Module | None = None  # the objective wrapped in DistributedDataParallel when world_size > 1
 
 
-def _step(run: _Run, xb: Tensor) -> Tensor:
-    """One gradient step on the batch; returns the batch's summed bound, still on the device."""
-    b = run.objective(run.vae, xb)  # (batch,)
+def _step(run: _Run, xb: Tensor, size: int) -> Tensor:
+    """One gradient step on the batch (this rank's ``xb`` of ``size`` rows); returns ``xb``'s summed bound."""
+    weight = run.world_size / size  # DDP averages over the ranks: the mean over the whole batch
+    if xb.shape[0] == 0:  # no share of a last batch shorter than the rank count: a stand-in of weight 0
+        xb, weight = xb.new_zeros((1, *xb.shape[1:])), 0.0
+    b = run.objective(run.vae, xb) if run.ddp is None else run.ddp(xb)  # (rows,)
     if b.shape != xb.shape[:1]:
         raise ValueError(f"objective: expected a bound per data point of shape ({xb.shape[0]},), got {tuple(b.shape)}")
     run.opt.zero_grad(set_to_none=True)
-    (-b.mean()).backward()
+    if run.ddp is None:
+        (-b.mean()).backward()
+    else:
+        (-b.sum() * weight).backward()
     if run.grad_clip is not None:
         # foreach clipping scales on the device: no host sync
         torch.nn.utils.clip_grad_norm_(run.vae.parameters(), run.grad_clip, foreach=True)
     run.opt.step()
-    return b.detach().sum()
+    return b.detach().sum() if weight > 0 else b.detach().sum() * 0.0
 
 
 def _train_epoch(run: _Run, epoch: int) -> float:
     """One pass over the data in a fresh random order; the mean training bound (the epoch's one host sync)."""
-    torch.manual_seed(_epoch_seed(run.seed, epoch))
+    seed = _epoch_seed(run.seed, epoch)
+    torch.manual_seed(seed)
     run.vae.train()
-    n = run.x.shape[0]
-    total = torch.zeros((), device=run.dev, dtype=run.x.dtype)
+    n = run.batches.n
+    total = torch.zeros((), device=run.dev, dtype=next(run.vae.parameters()).dtype)
     perm = torch.randperm(n, device=run.dev)
+    if run.world_size > 1:
+        broadcast(perm)  # one order for all ranks
+        torch.manual_seed(rank_seed(seed, run.rank))  # and noise of its own for each
+    batches = run.batches.epoch(perm, run.batch_size, run.rank, run.world_size, seed=seed)
     with float32_matmul_precision(run.matmul_precision):
-        for i in range(0, n, run.batch_size):
+        for xb, size in batches:  # (rows, *event_shape)
             with run.threads.step() if run.threads is not None else contextlib.nullcontext():
-                xb = run.x[perm[i : i + run.batch_size]]  # (batch, *event_shape)
                 if run.binarize:
                     xb = bernoulli_draw(xb)
-                total += _step(run, xb)
+                total += _step(run, xb, size)
     run.vae.eval()
-    return float(total) / n
+    return float(total if run.world_size == 1 else all_sum(total)) / n
 
 
 def _snapshot(run: _Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -381,7 +401,10 @@ def _validate(run: _Run, epoch: int) -> float | None:
     """The mean validation bound, every ``valid_every`` epochs and after the last one."""
     if run.valid is None or (epoch % run.valid_every and epoch != run.epochs):
         return None
-    return float(_mean_bound(run.vae, run.valid, run.valid_objective, run.batch_size))
+    if run.world_size == 1:
+        return float(_mean_bound(run.vae, run.valid, run.valid_objective, run.batch_size))
+    part = torch.tensor_split(run.valid, run.world_size)[run.rank]  # each rank scores its share
+    return float(all_sum(_sum_bound(run.vae, part, run.valid_objective, run.batch_size))) / run.valid.shape[0]
 
 
 def _scheduler_step(run: _Run, score: float) -> None:
@@ -396,6 +419,8 @@ def _scheduler_step(run: _Run, score: float) -> None:
 def _report(run: _Run, history: History, bar: Any) -> None:
     """The progress bar in a terminal or notebook; one ``logging`` line per epoch elsewhere."""
     train_bound, seconds = history.train_bound[-1], history.seconds[-1]
+    if run.rank != 0:
+        return
     if bar is not None:
         bar.update(1)
         bar.set_postfix(bound=f"{train_bound:.2f}", s=f"{seconds:.2f}")
@@ -434,7 +459,7 @@ def _run_epoch(run: _Run, history: History, epoch: int, callbacks: CallbackList,
     valid_bound = _validate(run, epoch)
     _scheduler_step(run, train_bound if valid_bound is None else valid_bound)
     history.append(epoch, train_bound, valid_bound, time.perf_counter() - start)
-    if run.path is not None:
+    if run.path is not None and run.rank == 0:
         write_training_checkpoint(run.path, run.vae, run.opt, history, run.settings, run.scheduler)
     run.snapshot = None  # the epoch is complete, and on disk
     _report(run, history, bar)
@@ -447,12 +472,13 @@ def _open_checkpoint(run: _Run, history: History, resume: bool) -> tuple[History
     path = run.path
     try:
         if path is not None:
-            lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
+            if run.rank == 0:  # rank 0 writes the file; every rank reads it
+                lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
             if resume and path.exists():
                 history = read_training_checkpoint(
                     path, run.vae, run.opt, run.settings, epochs=run.epochs, scheduler=run.scheduler
                 )
-            if run.epochs == 0 and len(history) == 0:  # a run of 0 epochs has its file too
+            if run.epochs == 0 and len(history) == 0 and run.rank == 0:  # a run of 0 epochs has its file too
                 write_training_checkpoint(path, run.vae, run.opt, history, run.settings, run.scheduler)
     except BaseException:
         lock.close()
@@ -500,7 +526,7 @@ def _all_callbacks(
 
 def fit(
     vae: VAE,
-    train_x: Tensor | np.ndarray,
+    train_x: Tensor | np.ndarray | Dataset[Any] | DataLoader[Any],
     *,
     objective: ObjectiveName | Objective = "elbo",
     k: int | None = None,
@@ -527,6 +553,8 @@ def fit(
     matmul_precision: MatmulPrecision = "medium",
     progress: bool | None = None,
     callback: Callable[[History], object] | None = None,
+    stream: bool | None = None,
+    loader_workers: int | None = None,
 ) -> History:
     """Train ``vae`` by stochastic gradient ascent on the ELBO, the IWAE bound or a bound of your own.
 
@@ -539,8 +567,10 @@ def fit(
     ----------
     vae : VAE
         The model; it is moved to ``device`` and trained in place.
-    train_x : Tensor or ndarray, shape ``(n, *x_shape)``
-        Training data, in [0, 1] for a Bernoulli likelihood.
+    train_x : Tensor, ndarray, torch.utils.data.Dataset or torch.utils.data.DataLoader
+        Training data of shape ``(n, *x_shape)``, in [0, 1] for a Bernoulli likelihood. A
+        map-style data set's items are rows (or pairs whose first element is the row); of a
+        DataLoader only its data set is used.
     objective : {"elbo", "iwae"} or callable
         A callable follows the :class:`Objective` protocol: ``objective(vae, x)``
         returns a differentiable bound per data point, shape ``(batch,)``.
@@ -558,6 +588,9 @@ def fit(
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
+        Rows per step, all processes together: under ``torchrun`` each of :math:`R` ranks
+        takes ``batch_size / R`` rows of every batch (a multiple of :math:`R` is required),
+        and the step follows the mean over the whole batch (see :mod:`vaelib.distributed`).
     lr : float, optional
         Learning rate of the default optimizer, fused Adam (1e-3 if not given).
     optimizer : callable, optional
@@ -615,6 +648,13 @@ def fit(
         logger at level INFO.
     callback : callable, optional
         A function ``f(history)`` called after each epoch; the same as ``callbacks=[f]``.
+    stream : bool, optional
+        Stream batches from the host (``True``) or hold the data on the device (``False``);
+        by default resident when the data fit half of the device's free memory
+        (:mod:`vaelib.batches`). Both read the same batches: a CPU run ends with the same weights.
+    loader_workers : int, optional
+        Worker processes that gather streamed batches (by default
+        :func:`~vaelib.batches.default_workers`: half the CPU cores, one fewer when training on the CPU).
 
     Returns
     -------
@@ -675,19 +715,30 @@ def fit(
     if patience is not None:
         patience = check_nonnegative_int(patience, "patience")
     dev = resolve_device(device)
-    for arg, data in (("train_x", train_x), ("valid_x", valid_x)):
-        if isinstance(data, Tensor) and data.requires_grad:
-            raise ValueError(f"{arg}: expected data that do not require grad; pass {arg}.detach()")
-    train_x = check_data(train_x, "train_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
+    if isinstance(valid_x, Tensor) and valid_x.requires_grad:
+        raise ValueError("valid_x: expected data that do not require grad; pass valid_x.detach()")
     if valid_x is not None:
         valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
     elif restore_best or patience is not None:
         raise ValueError("valid_x: restore_best and patience watch the validation bound; give valid_x")
     path = Path(checkpoint) if checkpoint is not None else None
     _check_checkpoint_path(path, resume, overwrite)
+    dev = init_from_env(dev)  # under torchrun: join the process group; cuda:LOCAL_RANK
+    dtype = next(vae.parameters()).dtype
+    source = batch_source(
+        train_x,
+        device=dev,
+        dtype=dtype,
+        event_shape=vae.x_shape,
+        likelihood=vae.likelihood,
+        stream=stream,
+        workers=loader_workers,
+    )
+    rank, world_size = rank_and_world_size()
+    if batch_size % world_size:
+        raise ValueError(f"batch_size: the global batch of {batch_size} rows does not split among {world_size} ranks")
 
     vae.to(dev)
-    dtype = next(vae.parameters()).dtype
     opt = _make_optimizer(vae, lr, optimizer, dev)
     sched = _make_scheduler(opt, scheduler)
     extra = {
@@ -699,7 +750,7 @@ def fit(
     }
     run = _Run(
         vae=vae,
-        x=train_x.to(dev, dtype),  # resident on the device for the whole run
+        batches=source,
         valid=None if valid_x is None else _prepare_valid(vae, valid_x, dev, dtype, binarize, seed),
         objective=train_objective,
         valid_objective=valid_objective,
@@ -718,13 +769,21 @@ def fit(
             name, k, analytic_kl, batch_size, DEFAULT_LR if optimizer is None and lr is None else lr, seed, **extra
         ),
         label=name,
+        rank=rank,
+        world_size=world_size,
     )
     history, lock = _open_checkpoint(run, History(objective=name, k=k), resume)
+    if world_size > 1:  # after the checkpoint is read: rank 0's weights go to every rank
+        run.ddp = wrap(vae, train_objective, dev)
     cbs = CallbackList(
         _all_callbacks(callbacks, callback, patience, restore_best), TrainState(vae, opt, history, sched)
     )
     bar = progress_bar(
-        progress_enabled(progress), total=epochs, initial=len(history), desc=f"fit {name} k={k}", unit="epoch"
+        progress_enabled(progress) and rank == 0,
+        total=epochs,
+        initial=len(history),
+        desc=f"fit {name} k={k}",
+        unit="epoch",
     )
     try:
         # On a CPU, each step runs on one thread or on torch's count, whichever is faster
@@ -748,4 +807,5 @@ def fit(
         cbs.on_train_end({"epoch": len(history)})
         vae.eval()
         lock.close()
+        source.close()
     return history
