@@ -217,6 +217,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return torch.logsumexp(s * log_w, dim=0) - math.log(k)",
         "the Renyi bound without its factor 1 / (1 - alpha)",
     ),
+    Mutation(
+        "rate-kl-reversed",
+        "vaelib/rate_distortion.py",
+        "rate = kl_divergence(q_parts, p_parts)  # (batch, z_dim) or (batch,)",
+        "rate = kl_divergence(p_parts, q_parts)  # (batch, z_dim) or (batch,)",
+        "the rate as KL(p(z) || q(z|x)), the KL in the wrong direction",
+    ),
+    Mutation(
+        "free-bits-clamp-reversed",
+        "vaelib/rate_distortion.py",
+        "below = rate.detach().mean(dim=0) <= free_bits  # (groups,)",
+        "below = rate.detach().mean(dim=0) >= free_bits  # (groups,)",
+        "free bits that clamp the dimensions above the floor instead of those below it",
+    ),
 )
 
 

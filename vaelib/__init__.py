@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, batches, callbacks, data, distributed, plot, synthesis
+from vaelib import anomaly, batches, callbacks, data, distributed, plot, rate_distortion, synthesis
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -49,6 +49,7 @@ __all__ = [
     "log_likelihood",
     "log_weights",
     "plot",
+    "rate_distortion",
     "renyi_from_log_weights",
     "renyi_objective",
     "save",

@@ -64,6 +64,7 @@ from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world
 from vaelib.history import History
 from vaelib.iwae_gradients import IWAE_ESTIMATORS, iwae_objective
 from vaelib.models import VAE
+from vaelib.rate_distortion import fit_objective
 from vaelib.threads import StepThreads, matmul_work
 
 __all__ = [
@@ -555,6 +556,10 @@ def fit(
     callback: Callable[[History], object] | None = None,
     stream: bool | None = None,
     loader_workers: int | None = None,
+    beta: float = 1.0,
+    kl_warmup_epochs: int = 0,
+    kl_schedule: Callable[[int], float] | None = None,
+    free_bits: float = 0.0,
 ) -> History:
     """Train ``vae`` by stochastic gradient ascent on the ELBO, the IWAE bound or a bound of your own.
 
@@ -655,6 +660,22 @@ def fit(
     loader_workers : int, optional
         Worker processes that gather streamed batches (by default
         :func:`~vaelib.batches.default_workers`: half the CPU cores, one fewer when training on the CPU).
+    beta : float
+        Weight of the KL term: train on :math:`-(D + \\beta R)` (see
+        :func:`vaelib.rate_distortion.beta_elbo`; the KL in closed form where torch has
+        one). With this, ``kl_warmup_epochs``, ``kl_schedule`` or ``free_bits`` the
+        training bound recorded is that objective; the validation bound stays the ELBO
+        (or the IWAE bound at ``valid_k``). ``objective="elbo"`` only.
+    kl_warmup_epochs : int
+        Raise the KL weight linearly from 0 in the first epoch to ``beta`` in epoch
+        ``kl_warmup_epochs + 1``, stepped once per epoch (:func:`vaelib.rate_distortion.kl_warmup`).
+    kl_schedule : callable, optional
+        A function ``epoch -> weight`` (epochs from 1) giving the KL weight of each
+        epoch, instead of ``beta`` and ``kl_warmup_epochs``.
+    free_bits : float
+        Free bits :math:`\\lambda` in nats per latent dimension (Kingma et al. 2016,
+        appendix C): a dimension whose KL, averaged over the batch, is below
+        :math:`\\lambda` costs :math:`\\lambda` and gets no gradient from the rate.
 
     Returns
     -------
@@ -712,6 +733,20 @@ def fit(
         raise ValueError("binarize: dynamic binarization applies to a Bernoulli likelihood only")
     valid_every = check_positive_int(valid_every, "valid_every")
     valid_objective = train_objective if valid_k is None else _iwae_at(check_positive_int(valid_k, "valid_k"))
+    weighted = fit_objective(
+        objective,
+        k,
+        analytic_kl,
+        estimator,
+        beta=beta,
+        kl_warmup_epochs=kl_warmup_epochs,
+        kl_schedule=kl_schedule,
+        free_bits=free_bits,
+    )
+    weighted_settings: dict[str, object] = {}
+    if weighted is not None:  # the ELBO with a weighted KL; validation keeps the ELBO
+        train_objective, kl_callback, weighted_settings = weighted
+        callbacks = [*(callbacks or []), *([kl_callback] if kl_callback is not None else [])]
     if patience is not None:
         patience = check_nonnegative_int(patience, "patience")
     dev = resolve_device(device)
@@ -747,6 +782,7 @@ def fit(
         "grad_clip": grad_clip,
         "binarize": binarize if binarize != bernoulli else None,
         "estimator": estimator if estimator != "reparam" else None,
+        **weighted_settings,
     }
     run = _Run(
         vae=vae,
