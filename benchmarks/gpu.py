@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from benchmarks import _record
-from vaelib.train import resolve_device
+from vaelib.devices import resolve_device
 
 PARTS = ("throughput", "loglik", "book", "iwae_table")
 SHARES = {"throughput": 0.15, "loglik": 0.10, "book": 0.30, "iwae_table": 0.45}

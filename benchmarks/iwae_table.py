@@ -55,7 +55,7 @@ import torch
 import vaelib
 from benchmarks import _record
 from vaelib.checkpoint import read_checkpoint
-from vaelib.train import resolve_device
+from vaelib.devices import resolve_device
 
 MODELS = ("vae-k1", "vae-k5", "vae-k50", "iwae-k5", "iwae-k50")
 # Burda et al. (2015), Table 1, one stochastic layer: test negative log-likelihood in nats.

@@ -39,7 +39,7 @@ import vaelib
 from benchmarks import _record
 from benchmarks.throughput import load_data
 from vaelib.batches import default_workers
-from vaelib.train import resolve_device
+from vaelib.devices import resolve_device
 
 BATCH_SIZE = 128
 LR = 1e-3

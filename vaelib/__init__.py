@@ -5,9 +5,21 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, batches, callbacks, data, distributed, plot, rate_distortion, synthesis
+from vaelib import (
+    anomaly,
+    batches,
+    callbacks,
+    data,
+    devices,
+    distributed,
+    objectives,
+    plot,
+    rate_distortion,
+    synthesis,
+)
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
+from vaelib.devices import default_device
 from vaelib.estimators import elbo_surrogate
 from vaelib.evaluate import active_units, latent_activity, log_likelihood
 from vaelib.glue import glue
@@ -16,7 +28,7 @@ from vaelib.iwae_gradients import iwae_objective, iwae_surrogate
 from vaelib.models import VAE, MLPConfig
 from vaelib.renyi import renyi_from_log_weights, renyi_objective
 from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
-from vaelib.train import TrainingDiverged, default_device, fit
+from vaelib.train import TrainingDiverged, fit
 
 __version__ = "0.1.0"
 
@@ -36,6 +48,7 @@ __all__ = [
     "callbacks",
     "data",
     "default_device",
+    "devices",
     "distributed",
     "elbo_from_log_weights",
     "elbo_surrogate",
@@ -48,6 +61,7 @@ __all__ = [
     "load",
     "log_likelihood",
     "log_weights",
+    "objectives",
     "plot",
     "rate_distortion",
     "renyi_from_log_weights",

@@ -27,6 +27,7 @@ import torch
 from vaelib import _archive
 from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
 from vaelib._lock import RunLocked
+from vaelib.devices import resolve_device
 from vaelib.history import History
 from vaelib.models import VAE
 
@@ -408,7 +409,6 @@ def load(path: str | os.PathLike[str], *, model: VAE | None = None, device: str 
     ValueError
         If ``device`` is not a device of this machine (checked first).
     """
-    from vaelib.train import resolve_device  # here: vaelib.train imports this module
 
     if model is not None and not isinstance(model, VAE):
         raise TypeError(f"model: expected a vaelib.VAE to load the weights into, got {type(model).__name__}")

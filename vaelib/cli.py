@@ -45,11 +45,13 @@ from vaelib._lock import RunLocked, exclusive
 from vaelib._progress import progress_enabled
 from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
+from vaelib.devices import resolve_device
 from vaelib.distributed import init_from_env, rank_and_world_size, shutdown
 from vaelib.evaluate import log_likelihood
 from vaelib.history import History
 from vaelib.models import ACTIVATIONS, VAE
-from vaelib.train import TrainingDiverged, _settings, bound, fit, resolve_device
+from vaelib.objectives import bound
+from vaelib.train import TrainingDiverged, _settings, fit
 
 __all__ = ["build_parser", "main"]
 

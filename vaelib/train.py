@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from vaelib._checks import (
     MATMUL_PRECISIONS,
-    OBJECTIVES,
     check_bool,
     check_choice,
     check_data,
@@ -60,92 +59,26 @@ from vaelib.batches import ResidentBatches, StreamedBatches, batch_source
 from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
+from vaelib.devices import MatmulPrecision, float32_matmul_precision, resolve_device
 from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
 from vaelib.history import History
-from vaelib.iwae_gradients import IWAE_ESTIMATORS, iwae_objective
 from vaelib.models import VAE
+from vaelib.objectives import IWAEEstimator, Objective, ObjectiveName, iwae_at, qualified_name, resolve_objective
 from vaelib.rate_distortion import fit_objective
 from vaelib.threads import StepThreads, matmul_work
 
-__all__ = [
-    "Objective",
-    "TrainingDiverged",
-    "default_device",
-    "fit",
-    "float32_matmul_precision",
-    "resolve_device",
-]
+__all__ = ["TrainingDiverged", "fit"]
 
-ObjectiveName = Literal["elbo", "iwae"]
-IWAEEstimator = Literal["reparam", "stl", "dreg"]
-MatmulPrecision = Literal["highest", "high", "medium"]
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
-DEFAULT_K = {"elbo": 1, "iwae": 5}
 DEFAULT_LR = 1e-3
 
 logger = logging.getLogger(__name__)
 
 
-class Objective(Protocol):
-    """A training objective for :func:`fit`: a differentiable bound per data point.
-
-    ``objective(vae, x)`` takes the model and a batch ``x`` of shape
-    ``(batch, *event_shape)`` (binarized already when ``fit`` binarizes) and
-    returns a tensor of shape ``(batch,)`` whose mean ``fit`` maximizes; it
-    draws its own samples from the global torch generator, which ``fit`` seeds.
-    Example: ``lambda vae, x: vae.iwae(x, k=10) - 0.1 * vae.elbo(x)``.
-    """
-
-    def __call__(self, vae: VAE, x: Tensor, /) -> Tensor: ...
-
-
 class TrainingDiverged(FloatingPointError):
     """The training bound became NaN or infinite; the model is restored to the last good epoch."""
-
-
-def default_device() -> torch.device:
-    """The fastest device available: CUDA, then Apple's MPS, then the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` becomes :func:`default_device`; anything else must exist on this machine."""
-    if isinstance(device, str) and device == "auto":
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'mps', got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} was asked for, but CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device: {device!r} was asked for, but MPS is not available on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'mps', got {device!r}")
-    return dev
-
-
-def bound(vae: VAE, x: Tensor, objective: ObjectiveName | str, k: int, analytic_kl: bool) -> Tensor:
-    """The training objective for a batch, shape (batch,)."""
-    if objective == "iwae":
-        return vae.iwae(x, k=k)
-    return vae.elbo(x, k=k, analytic_kl=analytic_kl)
-
-
-def _iwae_at(k: int) -> Objective:
-    """The IWAE bound with ``k`` samples (the ELBO when ``k = 1``) as an objective."""
-
-    def iwae(vae: VAE, x: Tensor) -> Tensor:
-        return vae.iwae(x, k=k)
-
-    return iwae
 
 
 def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
@@ -156,33 +89,6 @@ def _adam(vae: VAE, lr: float, dev: torch.device) -> torch.optim.Adam:
         except (RuntimeError, TypeError):  # torch older than 2.4 has no fused Adam on the CPU
             pass
     return torch.optim.Adam(vae.parameters(), lr=lr)
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(precision: MatmulPrecision | str) -> Iterator[None]:
-    """Run the block with ``torch.set_float32_matmul_precision`` at ``precision``, then restore it.
-
-    Parameters
-    ----------
-    precision : {"highest", "high", "medium"}
-        ``"highest"`` computes float32 matrix products in float32 (23 explicit
-        mantissa bits); ``"high"`` lets a GPU round the factors to TF32 (10
-        bits); ``"medium"`` also lets a CPU with bfloat16 units (Intel AMX)
-        round them to bfloat16 (7 bits). Sums and results stay float32, and
-        hardware without the fast path computes in float32.
-
-    References
-    ----------
-    Kalamkar et al. (2019), "A Study of BFLOAT16 for Deep Learning Training";
-    NVIDIA (2020), "NVIDIA A100 Tensor Core GPU Architecture" (TF32).
-    """
-    check_choice(precision, "matmul_precision", MATMUL_PRECISIONS)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -206,47 +112,6 @@ def _settings(
         "seed": seed,
     }
     return settings | {key: value for key, value in extra.items() if value is not None}
-
-
-def _name(fn: object) -> str:
-    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
-
-
-def _resolve_objective(
-    objective: ObjectiveName | Objective, k: int | None, analytic_kl: bool, estimator: IWAEEstimator = "reparam"
-) -> tuple[Objective, str, int]:
-    """The objective as a function ``(vae, x) -> (batch,)``, its name and its k."""
-    check_bool(analytic_kl, "analytic_kl")
-    check_choice(estimator, "estimator", IWAE_ESTIMATORS)
-    if callable(objective):
-        if k is not None:
-            raise ValueError("k: a callable objective draws its own samples; leave k unset")
-        if analytic_kl:
-            raise ValueError("analytic_kl: applies to objective='elbo' only")
-        if estimator != "reparam":
-            raise ValueError("estimator: a callable objective computes its own gradient; leave estimator unset")
-        return objective, _name(objective), 1
-    check_choice(objective, "objective", OBJECTIVES)
-    if analytic_kl and objective != "elbo":
-        raise ValueError(f"analytic_kl: the closed-form KL applies to objective='elbo' only, got {objective!r}")
-    if k is None:
-        k = DEFAULT_K[objective]
-    k = check_positive_int(k, "k")
-    if objective == "iwae" and k == 1:
-        warnings.warn("fit: objective='iwae' with k=1 is the ELBO; use k > 1 for a tighter bound", stacklevel=3)
-    name = str(objective)
-    if estimator != "reparam":
-        # STL and DReG are estimators of the IWAE bound's gradient; at k = 1 that bound is the ELBO.
-        if analytic_kl or (objective == "elbo" and k != 1):
-            raise ValueError(
-                f"estimator: {estimator!r} applies to objective='iwae' (or the ELBO with k=1 and no analytic KL)"
-            )
-        return iwae_objective(k, estimator=estimator), name, k
-
-    def chosen(vae: VAE, x: Tensor) -> Tensor:
-        return bound(vae, x, name, k, analytic_kl)
-
-    return chosen, name, k
 
 
 def _check_checkpoint_path(path: Path | None, resume: bool, overwrite: bool) -> None:
@@ -577,7 +442,7 @@ def fit(
         map-style data set's items are rows (or pairs whose first element is the row); of a
         DataLoader only its data set is used.
     objective : {"elbo", "iwae"} or callable
-        A callable follows the :class:`Objective` protocol: ``objective(vae, x)``
+        A callable follows the :class:`~vaelib.objectives.Objective` protocol: ``objective(vae, x)``
         returns a differentiable bound per data point, shape ``(batch,)``.
     k : int, optional
         Importance samples per data point: 1 for the ELBO and 5 for the IWAE
@@ -643,7 +508,7 @@ def fit(
         ``resume``), an existing file is refused rather than silently replaced.
     matmul_precision : {"medium", "high", "highest"}
         Internal precision of the float32 matrix products in the training steps
-        (see :func:`~vaelib.train.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
+        (see :func:`~vaelib.devices.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
         bfloat16 products on a CPU that has fast ones; ``"highest"`` is float32
         throughout. The validation bound and everything outside ``fit`` keep
         the caller's setting.
@@ -711,7 +576,7 @@ def fit(
         raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
     if not any(p.requires_grad for p in vae.parameters()):
         raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
-    train_objective, name, k = _resolve_objective(objective, k, analytic_kl, estimator)
+    train_objective, name, k = resolve_objective(objective, k, analytic_kl, estimator)
     check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
     epochs = check_nonnegative_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -732,7 +597,7 @@ def fit(
     elif binarize and not bernoulli:
         raise ValueError("binarize: dynamic binarization applies to a Bernoulli likelihood only")
     valid_every = check_positive_int(valid_every, "valid_every")
-    valid_objective = train_objective if valid_k is None else _iwae_at(check_positive_int(valid_k, "valid_k"))
+    valid_objective = train_objective if valid_k is None else iwae_at(check_positive_int(valid_k, "valid_k"))
     weighted = fit_objective(
         objective,
         k,
@@ -777,8 +642,8 @@ def fit(
     opt = _make_optimizer(vae, lr, optimizer, dev)
     sched = _make_scheduler(opt, scheduler)
     extra = {
-        "optimizer": _name(optimizer) if optimizer is not None else None,
-        "scheduler": _name(scheduler) if scheduler is not None else None,
+        "optimizer": qualified_name(optimizer) if optimizer is not None else None,
+        "scheduler": qualified_name(scheduler) if scheduler is not None else None,
         "grad_clip": grad_clip,
         "binarize": binarize if binarize != bernoulli else None,
         "estimator": estimator if estimator != "reparam" else None,
