@@ -7,14 +7,17 @@ another and each in its own process, everything a GPU figure is wanted for:
    DataLoader loop);
 2. ``loglik``: :mod:`benchmarks.loglik`, ``log_likelihood`` with k = 5000 on
    the 10,000 MNIST test images;
-3. ``book``: the chapters that train models (6 to 9) executed on the device
+3. ``streaming``: :mod:`benchmarks.streaming`, ``fit`` with the data resident
+   on the device against streamed from the host (pinned memory, worker
+   processes, one batch ahead);
+4. ``book``: the chapters that train models (6 to 12) executed on the device
    with :func:`benchmarks.book.execute`, each timed (record
    ``book-training-<device>``);
-4. ``iwae_table``: :mod:`benchmarks.iwae_table` on a shortened schedule
+5. ``iwae_table``: :mod:`benchmarks.iwae_table` on a shortened schedule
    (``--iwae-stages``, default 3: 13 passes) for a first comparison with the
    published table.
 
-Each part gets a share of ``--budget`` (seconds; 15%, 10%, 30% and 45%) plus
+Each part gets a share of ``--budget`` (seconds; 15%, 10%, 10%, 30% and 35%) plus
 whatever the parts before it left unused, and is stopped when its time is
 spent; a part whose time would be under ``--min-part`` seconds is skipped
 with a note. Each part writes its own record named by the device
@@ -45,19 +48,22 @@ import torch
 from benchmarks import _record
 from vaelib.devices import resolve_device
 
-PARTS = ("throughput", "loglik", "book", "iwae_table")
-SHARES = {"throughput": 0.15, "loglik": 0.10, "book": 0.30, "iwae_table": 0.45}
+PARTS = ("throughput", "loglik", "streaming", "book", "iwae_table")
+SHARES = {"throughput": 0.15, "loglik": 0.10, "streaming": 0.10, "book": 0.30, "iwae_table": 0.35}
 TRAINING_CHAPTERS = (
     "book/06_gradients.ipynb",
     "book/07_training.ipynb",
     "book/08_iwae.ipynb",
     "book/09_tighter_bounds.ipynb",
     "book/10_applications.ipynb",
+    "book/11_inference_gaps.ipynb",
+    "book/12_rate_distortion.ipynb",
 )
 # Headline figures copied from each part's record into the summary.
 HEADLINES = {
     "throughput": ("ratio", "seconds_per_epoch", "vaelib_images_per_s", "baseline_images_per_s", "bounds_agree"),
     "loglik": ("seconds", "samples_per_s", "subset", "full_size", "peak_mib"),
+    "streaming": ("resident_images_per_s", "streamed_images_per_s", "ratio", "workers", "same_weights"),
     "book": ("total_seconds", "failed"),
     "iwae_table": ("train_seconds_total", "rows"),
 }
@@ -75,6 +81,17 @@ def commands(args: argparse.Namespace, out: Path, checkpoints: Path) -> dict[str
         return {
             "throughput": [*py, "benchmarks.throughput", *common, *throughput],
             "loglik": [*py, "benchmarks.loglik", *common, "--n", "20", "--k", "50"],
+            "streaming": [
+                *py,
+                "benchmarks.streaming",
+                *common,
+                "--train-size",
+                "256",
+                "--epochs",
+                "2",
+                "--repeats",
+                "1",
+            ],
             "book": [*py, "benchmarks.gpu", "--part", "book", *common, *chapters],
             "iwae_table": [*py, "benchmarks.iwae_table", *common, *iwae, "--checkpoint-dir", str(checkpoints)],
         }
@@ -83,6 +100,7 @@ def commands(args: argparse.Namespace, out: Path, checkpoints: Path) -> dict[str
     return {
         "throughput": [*py, "benchmarks.throughput", *common, *data, "--repeats", "2"],
         "loglik": [*py, "benchmarks.loglik", *common, *data, "--k", "5000"],
+        "streaming": [*py, "benchmarks.streaming", *common, *data, "--epochs", "3", "--repeats", "2"],
         "book": [*py, "benchmarks.gpu", "--part", "book", *common, *chapters],
         "iwae_table": [*py, "benchmarks.iwae_table", *common, *data, *iwae],
     }
@@ -95,6 +113,7 @@ def record_path(part: str, out: Path, device: torch.device, tiny: bool, data_dir
     name = {
         "throughput": f"throughput{data}",
         "loglik": f"loglik{data}",
+        "streaming": f"streaming{data}",
         "book": "book-training",
         "iwae_table": "iwae_table-smoke" if tiny or not data_dir else "iwae_table",
     }[part]
