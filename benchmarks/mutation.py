@@ -217,6 +217,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return torch.logsumexp(s * log_w, dim=0) - math.log(k)",
         "the Renyi bound without its factor 1 / (1 - alpha)",
     ),
+    Mutation(
+        "gaps-amortization-sign",
+        "vaelib/gaps.py",
+        "return self.elbo_optimized - self.elbo_amortized",
+        "return self.elbo_amortized - self.elbo_optimized",
+        "the amortization gap with its sign flipped: ELBO(q_phi) - ELBO(q*)",
+    ),
+    Mutation(
+        "gaps-log-marginal-no-log-k",
+        "vaelib/gaps.py",
+        "return total - math.log(k)",
+        "return total",
+        "log p(x) of the gap split as the log of the sum of the weights, not of their mean",
+    ),
 )
 
 

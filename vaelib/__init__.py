@@ -5,7 +5,7 @@ a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
 """
 
-from vaelib import anomaly, callbacks, data, plot, synthesis
+from vaelib import anomaly, callbacks, data, flows, gaps, plot, synthesis
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.checkpoint import CheckpointError, load, save
 from vaelib.estimators import elbo_surrogate
@@ -38,6 +38,8 @@ __all__ = [
     "elbo_from_log_weights",
     "elbo_surrogate",
     "fit",
+    "flows",
+    "gaps",
     "glue",
     "iwae_from_log_weights",
     "iwae_objective",
