@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import zuko
+import zuko  # type: ignore[import-untyped]
 from torch import Tensor, nn
 from torch.distributions import AffineTransform, Distribution, Transform
 
@@ -87,6 +87,8 @@ class _RememberingFlow(zuko.distributions.NormalizingFlow):  # type: ignore[misc
     _last: tuple[Tensor, Tensor] | None = None
 
     def rsample(self, shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        z: Tensor
+        log_q: Tensor
         z, log_q = self.rsample_and_log_prob(torch.Size(shape))
         self._last = (z, log_q)
         return z
@@ -163,7 +165,7 @@ class FlowVAE(VAE):
             self.flow.to(p.device, p.dtype)
 
     @classmethod
-    def mlp(  # type: ignore[override]
+    def mlp(
         cls,
         x_dim: int,
         z_dim: int,
@@ -186,7 +188,7 @@ class FlowVAE(VAE):
             hidden=flow_hidden,
         )
 
-    def encode(self, x: Tensor) -> Distribution:
+    def encode(self, x: Tensor) -> Distribution:  # type: ignore[override]  # a flow, not a Gaussian
         """:math:`q_\\phi(z \\mid x)`, a zuko ``NormalizingFlow``, batch shape ``x.shape[:-len(x_shape)]``."""
         batch = x.shape[: x.dim() - len(self.x_shape)]
         h = self.encoder(x.reshape(-1, *self.x_shape))  # (N, 2 * z_dim)
