@@ -51,6 +51,7 @@ from torch.distributions import AffineTransform, Distribution, Transform
 from vaelib._checks import check_nonnegative_int, check_positive_float, check_positive_int
 from vaelib.bounds import elbo_from_log_weights
 from vaelib.models import MIN_ENCODER_SCALE, VAE, Likelihood
+from vaelib.threads import StepThreads, matmul_work
 
 __all__ = ["FlowVAE", "fit_flow_posterior"]
 
@@ -280,12 +281,15 @@ def fit_flow_posterior(
         flow = zuko.flows.Flow(spline.transform.inv, spline.base).to(x.device, x.dtype)
         optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            z, log_q = flow(x).rsample_and_log_prob((k,))  # (k, n, z_dim), (k, n)
-            loss = -elbo_from_log_weights(log_joint(x, z) - log_q).mean()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
+        with StepThreads(x.device, matmul_work(flow, k * x.shape[0])) as threads:
+            for _ in range(steps):
+                with threads.step():
+                    optimizer.zero_grad()
+                    z, log_q = flow(x).rsample_and_log_prob((k,))  # (k, n, z_dim), (k, n)
+                    loss = -elbo_from_log_weights(log_joint(x, z) - log_q).mean()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
     flow.requires_grad_(False)
     return flow

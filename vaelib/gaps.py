@@ -31,6 +31,7 @@ from torch.distributions import Distribution, Independent, Normal
 
 from vaelib._checks import check_choice, check_nonnegative_int, check_positive_float, check_positive_int
 from vaelib.bounds import elbo_from_log_weights, log_weights
+from vaelib.threads import StepThreads, matmul_work
 
 __all__ = ["InferenceGaps", "inference_gaps", "optimize_posterior"]
 
@@ -155,12 +156,15 @@ def optimize_posterior(
 
             optimizer = torch.optim.Adam(free, lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-            for _ in range(steps):
-                optimizer.zero_grad()
-                loss = -elbo_from_log_weights(log_weights(x, build(), model.log_joint, k)).sum()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+            # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
+            with StepThreads(x.device, matmul_work(model, k * x.shape[0])) as threads:
+                for _ in range(steps):
+                    with threads.step():
+                        optimizer.zero_grad()
+                        loss = -elbo_from_log_weights(log_weights(x, build(), model.log_joint, k)).sum()
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
         for t in free:
             t.requires_grad_(False)
         return build()
