@@ -95,7 +95,7 @@ def optimize_posterior(
     ----------
     model : VAE or FlowVAE
         The trained model; its parameters are not changed.
-    x : Tensor, shape (batch, *x_shape)
+    x : Tensor, shape ``(batch, *x_shape)``
         Data points, binary for a Bernoulli likelihood, with the model's dtype and device.
     family : {"gaussian", "flow"}
     steps : int
@@ -283,7 +283,7 @@ def inference_gaps(
     ----------
     model : VAE or FlowVAE
         The trained model.
-    x : Tensor, shape (n, *x_shape)
+    x : Tensor, shape ``(n, *x_shape)``
         Data points (binary for a Bernoulli likelihood).
     family : {"gaussian", "flow"}
         The family of :math:`q^*_x` (see :func:`optimize_posterior`).
