@@ -10,7 +10,7 @@ import torch
 import vaelib
 from vaelib.bimodal import Bimodal
 from vaelib.flows import FlowVAE, fit_flow_posterior
-from vaelib.gaps import inference_gaps
+from vaelib.gaps import inference_gaps, optimize_posterior
 
 
 @pytest.fixture
@@ -119,3 +119,10 @@ def test_fit_flow_posterior_checks_arguments():
         fit_flow_posterior(Bimodal().log_joint, torch.zeros(3), 1)
     with pytest.raises(ValueError, match="anneal"):
         fit_flow_posterior(Bimodal().log_joint, torch.zeros(1, 1), 1, anneal=1.5)
+
+
+def test_gaussian_family_for_a_flow_encoder_starts_from_its_draws(flow_vae, x):
+    """A flow has no closed-form mean: the Gaussian family starts from the moments of its draws."""
+    q = optimize_posterior(flow_vae, x, family="gaussian", steps=5, seed=0)
+    assert q.batch_shape == (7,) and q.event_shape == (3,)
+    assert torch.isfinite(q.mean).all() and (q.stddev > 0).all()
