@@ -231,6 +231,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "below = rate.detach().mean(dim=0) >= free_bits  # (groups,)",
         "free bits that clamp the dimensions above the floor instead of those below it",
     ),
+    Mutation(
+        "gaps-amortization-sign",
+        "vaelib/gaps.py",
+        "return self.elbo_optimized - self.elbo_amortized",
+        "return self.elbo_amortized - self.elbo_optimized",
+        "the amortization gap with its sign flipped: ELBO(q_phi) - ELBO(q*)",
+    ),
+    Mutation(
+        "gaps-log-marginal-no-log-k",
+        "vaelib/gaps.py",
+        "return total - math.log(k)",
+        "return total",
+        "log p(x) of the gap split as the log of the sum of the weights, not of their mean",
+    ),
 )
 
 
