@@ -44,7 +44,8 @@ LN2 = math.log(2.0)
 class LatentModel(Protocol):
     """What the functions here need: ``encode(x)``, ``decode(z)`` and ``prior``, as a :class:`~vaelib.VAE` has."""
 
-    prior: Distribution
+    @property
+    def prior(self) -> Distribution: ...
 
     def encode(self, x: Tensor) -> Distribution: ...
 
