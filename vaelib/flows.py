@@ -177,7 +177,7 @@ class FlowVAE(VAE):
         transforms: int = 3,
         flow_hidden: tuple[int, ...] = (64, 64),
     ) -> FlowVAE:
-        """The fully connected networks of :meth:`VAE.mlp` with a flow posterior of ``transforms`` layers."""
+        """The networks of :meth:`~vaelib.models.VAE.mlp` with a flow posterior of ``transforms`` layers."""
         base = VAE.mlp(x_dim, z_dim, hidden, activation, likelihood)  # type: ignore[arg-type]
         return cls(
             base.encoder,

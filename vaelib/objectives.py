@@ -36,7 +36,7 @@ DEFAULT_K = {"elbo": 1, "iwae": 5}
 
 
 class Objective(Protocol):
-    """A training objective for :func:`fit`: a differentiable bound per data point.
+    """A training objective for :func:`~vaelib.train.fit`: a differentiable bound per data point.
 
     ``objective(vae, x)`` takes the model and a batch ``x`` of shape
     ``(batch, *event_shape)`` (binarized already when ``fit`` binarizes) and

@@ -32,6 +32,7 @@ from vaelib.callbacks import Callback, Logs
 __all__ = [
     "BetaObjective",
     "KLSchedule",
+    "LatentModel",
     "RateDistortion",
     "beta_elbo",
     "kl_warmup",
