@@ -43,7 +43,7 @@ LN2 = math.log(2.0)
 
 
 class LatentModel(Protocol):
-    """What the functions here need: ``encode(x)``, ``decode(z)`` and ``prior``, as a :class:`~vaelib.VAE` has."""
+    """What the functions here need: ``encode(x)``, ``decode(z)``, ``prior``, as a :class:`~vaelib.models.VAE` has."""
 
     @property
     def prior(self) -> Distribution: ...
@@ -79,7 +79,7 @@ def _terms(vae: LatentModel, x: Tensor, k: int, analytic_kl: bool | None, seed: 
     """Distortion ``(batch,)`` and rate per latent group ``(batch, groups)`` from the same ``k`` draws.
 
     The groups are the latent dimensions when ``q`` and the prior are ``Independent``
-    (the diagonal Gaussian of :class:`~vaelib.VAE`), else one group holding all of ``z``.
+    (the diagonal Gaussian of :class:`~vaelib.models.VAE`), else one group holding all of ``z``.
     The rate is the closed-form KL where torch registers one (``analytic_kl=None`` or ``True``),
     else the Monte Carlo average of :math:`\\log q(z \\mid x) - \\log p(z)` over the draws.
     """
