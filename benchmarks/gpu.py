@@ -10,14 +10,17 @@ another and each in its own process, everything a GPU figure is wanted for:
 3. ``streaming``: :mod:`benchmarks.streaming`, ``fit`` with the data resident
    on the device against streamed from the host (pinned memory, worker
    processes, one batch ahead);
-4. ``book``: the chapters that train models (6 to 12) executed on the device
+4. ``inference_gaps``: :mod:`benchmarks.inference_gaps` on a shortened
+   schedule, the approximation and amortization gaps of a Gaussian and a flow
+   encoder trained on MNIST;
+5. ``book``: the chapters that train models (6 to 12) executed on the device
    with :func:`benchmarks.book.execute`, each timed (record
    ``book-training-<device>``);
-5. ``iwae_table``: :mod:`benchmarks.iwae_table` on a shortened schedule
+6. ``iwae_table``: :mod:`benchmarks.iwae_table` on a shortened schedule
    (``--iwae-stages``, default 3: 13 passes) for a first comparison with the
    published table.
 
-Each part gets a share of ``--budget`` (seconds; 15%, 10%, 10%, 30% and 35%) plus
+Each part gets a share of ``--budget`` (seconds; 12%, 8%, 8%, 15%, 27% and 30%) plus
 whatever the parts before it left unused, and is stopped when its time is
 spent; a part whose time would be under ``--min-part`` seconds is skipped
 with a note. Each part writes its own record named by the device
@@ -48,8 +51,15 @@ import torch
 from benchmarks import _record
 from vaelib.devices import resolve_device
 
-PARTS = ("throughput", "loglik", "streaming", "book", "iwae_table")
-SHARES = {"throughput": 0.15, "loglik": 0.10, "streaming": 0.10, "book": 0.30, "iwae_table": 0.35}
+PARTS = ("throughput", "loglik", "streaming", "inference_gaps", "book", "iwae_table")
+SHARES = {
+    "throughput": 0.12,
+    "loglik": 0.08,
+    "streaming": 0.08,
+    "inference_gaps": 0.15,
+    "book": 0.27,
+    "iwae_table": 0.30,
+}
 TRAINING_CHAPTERS = (
     "book/06_gradients.ipynb",
     "book/07_training.ipynb",
@@ -64,6 +74,7 @@ HEADLINES = {
     "throughput": ("ratio", "seconds_per_epoch", "vaelib_images_per_s", "baseline_images_per_s", "bounds_agree"),
     "loglik": ("seconds", "samples_per_s", "subset", "full_size", "peak_mib"),
     "streaming": ("resident_images_per_s", "streamed_images_per_s", "ratio", "workers", "same_weights"),
+    "inference_gaps": ("gaussian", "flow"),
     "book": ("total_seconds", "failed"),
     "iwae_table": ("train_seconds_total", "rows"),
 }
@@ -78,6 +89,7 @@ def commands(args: argparse.Namespace, out: Path, checkpoints: Path) -> dict[str
         chapters = [arg for c in args.chapter for arg in ("--chapter", c)]
         throughput = ["--train-size", "128", "--epochs", "2", "--repeats", "1", "--eval-k", "2"]
         iwae = ["--smoke", "--stages", "1", "--eval-k", "5", "--models", "vae-k1"]
+        tiny_gaps = ["--train-size", "200", "--epochs", "1", "--n", "4", "--k", "20", "--k-elbo", "10", "--steps", "3"]
         return {
             "throughput": [*py, "benchmarks.throughput", *common, *throughput],
             "loglik": [*py, "benchmarks.loglik", *common, "--n", "20", "--k", "50"],
@@ -92,15 +104,18 @@ def commands(args: argparse.Namespace, out: Path, checkpoints: Path) -> dict[str
                 "--repeats",
                 "1",
             ],
+            "inference_gaps": [*py, "benchmarks.inference_gaps", *common, *tiny_gaps],
             "book": [*py, "benchmarks.gpu", "--part", "book", *common, *chapters],
             "iwae_table": [*py, "benchmarks.iwae_table", *common, *iwae, "--checkpoint-dir", str(checkpoints)],
         }
     chapters = [arg for c in (args.chapter or TRAINING_CHAPTERS) for arg in ("--chapter", c)]
     iwae = ["--stages", str(args.iwae_stages), "--checkpoint-dir", str(checkpoints)]
+    gaps = ["--epochs", "10", "--n", "300", "--steps", "200"]  # a first figure within its share
     return {
         "throughput": [*py, "benchmarks.throughput", *common, *data, "--repeats", "2"],
         "loglik": [*py, "benchmarks.loglik", *common, *data, "--k", "5000"],
         "streaming": [*py, "benchmarks.streaming", *common, *data, "--epochs", "3", "--repeats", "2"],
+        "inference_gaps": [*py, "benchmarks.inference_gaps", *common, *data, *gaps],
         "book": [*py, "benchmarks.gpu", "--part", "book", *common, *chapters],
         "iwae_table": [*py, "benchmarks.iwae_table", *common, *data, *iwae],
     }
@@ -114,6 +129,7 @@ def record_path(part: str, out: Path, device: torch.device, tiny: bool, data_dir
         "throughput": f"throughput{data}",
         "loglik": f"loglik{data}",
         "streaming": f"streaming{data}",
+        "inference_gaps": f"inference_gaps{data}",
         "book": "book-training",
         "iwae_table": "iwae_table-smoke" if tiny or not data_dir else "iwae_table",
     }[part]

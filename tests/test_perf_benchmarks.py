@@ -15,9 +15,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from benchmarks import contention, gpu, setup_time
+import vaelib
+from benchmarks import contention, gpu, inference_gaps, setup_time
+from vaelib.gaps import inference_gaps as split_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -175,5 +178,43 @@ def test_gpu_command_tiny(tmp_path):
     for part in gpu.PARTS:
         assert (out / parts[part]["record"]).exists()
     assert parts["book"]["figures"]["failed"] == []
+    assert set(parts["inference_gaps"]["figures"]) == {"gaussian", "flow"}
     assert parts["loglik"]["figures"]["subset"]
     assert record["seconds"] <= 590
+
+
+def test_inference_gaps_joins_its_chunks_in_order(tmp_path):
+    """The split taken in chunks equals inference_gaps on each chunk with that chunk's seed, row for row."""
+    torch.manual_seed(0)
+    vae = vaelib.VAE.mlp(64, 4, hidden=(16,))
+    x = vaelib.data.binarize(vaelib.data.load_digits()[1][:5], generator=torch.Generator().manual_seed(0))
+    args = types.SimpleNamespace(chunk=3, k=20, k_elbo=10, steps=3, seed=7)
+    joined = inference_gaps.split(vae, x, "gaussian", args)
+    assert joined.log_px.shape == (5,)
+    for i, rows in enumerate((slice(0, 3), slice(3, 5))):
+        alone = split_gaps(vae, x[rows], k=20, k_elbo=10, steps=3, seed=7 + 10 * i)
+        for name in ("log_px", "elbo_amortized", "elbo_optimized", "elbo_amortized_again"):
+            assert torch.equal(getattr(joined, name)[rows], getattr(alone, name).double()), name
+
+
+def test_inference_gaps_record(tmp_path):
+    """A tiny run on the digits writes a record with both encoders' tables."""
+    argv = ["--train-size", "100", "--epochs", "1", "--n", "4", "--k", "20", "--k-elbo", "10", "--steps", "3"]
+    record = inference_gaps.main([*argv, "--chunk", "3", "--device", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "inference_gaps-digits-cpu.json").read_text())
+    assert saved == record and HEADER_KEYS <= set(saved)
+    for name in ("gaussian", "flow"):
+        table = saved[name]["table"]
+        assert set(table) == {
+            "log p(x)",
+            "ELBO, encoder",
+            "ELBO, optimized",
+            "approximation gap",
+            "amortization gap",
+            "inference gap",
+        }
+        approx, amort = table["approximation gap"]["mean"], table["amortization gap"]["mean"]
+        total = table["log p(x)"]["mean"] - table["ELBO, encoder"]["mean"]
+        assert approx + amort == pytest.approx(total, abs=2e-4)  # four decimals each
+    with pytest.raises(SystemExit):
+        inference_gaps.main(["--n", "0", "--out", str(tmp_path)])
