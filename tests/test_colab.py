@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -200,3 +201,29 @@ def test_a_notebook_runs_with_only_the_installed_package(reader_python, tmp_path
     prefix = reader_python.parent.parent
     assert Path(executable).parent.parent == prefix, f"the kernel ran {executable}, not the reader's Python"
     assert Path(vaelib_file).is_relative_to(prefix / "lib"), f"the kernel imported vaelib from {vaelib_file}"
+
+
+def _ends_on_a_displayed_glue(source: str) -> bool:
+    """Whether the cell's last statement is a ``glue(...)`` call whose value the notebook would display."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:  # a cell with IPython magics
+        return False
+    if not body or not isinstance(body[-1], ast.Expr) or not isinstance(body[-1].value, ast.Call):
+        return False
+    func = body[-1].value.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    return name == "glue" and not source.rstrip().endswith(";")
+
+
+def test_no_cell_shows_the_value_it_glues():
+    """glue returns its value; a cell ending on the call would print a stray number under the prose."""
+    assert _ends_on_a_displayed_glue('x = 1\nvaelib.glue("x", x)')
+    assert not _ends_on_a_displayed_glue('x = 1\nvaelib.glue("x", x);')
+    offenders = [
+        f"{path.name}, cell {i}"
+        for path in sorted(BOOK.glob("*.ipynb"))
+        for i, cell in enumerate(json.loads(path.read_text())["cells"])
+        if cell["cell_type"] == "code" and _ends_on_a_displayed_glue("".join(cell["source"]))
+    ]
+    assert offenders == [], f"end these cells with ';': {offenders}"
