@@ -16,8 +16,9 @@ each part timed on its own:
 the browser, and is not timed here (``--phases`` lists the parts to run).
 Record ``setup_time-<installer>-cpu.json``: the seconds of each part, the
 installer the Makefile used, each notebook's execution time and whether it
-succeeded, the load average before and after, and the tail of any failing
-command's log.
+succeeded, the load average before and after, the size of the package caches
+(uv's, pip's and npm's) before the run, since a warm cache turns minutes of
+downloads into seconds, and the tail of any failing command's log.
 
 Usage::
 
@@ -62,7 +63,9 @@ def run_phase(target: str, clone: Path, make_args: list[str], log: Path) -> dict
     result: dict[str, Any] = {"seconds": round(seconds, 1), "status": status}
     text = log.read_text(errors="replace")
     result["log_lines"] = text.count("\n")
-    warnings = [line for line in text.splitlines() if re.search(r"warning", line, re.IGNORECASE)]
+    # "warning" as a word (WARNING:, UserWarning, a warning), not inside a setting's name (suppress_warnings=[])
+    word = re.compile(r"(?<![a-z_])warning(?![a-z_])|[a-z]warning\b", re.IGNORECASE)
+    warnings = [line for line in text.splitlines() if word.search(line)]
     result["warning_lines"] = len(warnings)
     # The kinds of warning, each once (digits and quoted names folded), so a record shows where they come from.
     kinds = {re.sub(r"'[^']*'|\d+", "_", w): w for w in warnings}
@@ -101,6 +104,28 @@ def execution_times(clone: Path) -> list[dict[str, Any]]:
     return json.loads(out.stdout)
 
 
+def package_caches() -> dict[str, float]:
+    """MiB held by uv's, pip's and npm's download caches (0 where a cache is absent)."""
+    home, xdg = Path.home(), os.environ.get("XDG_CACHE_HOME")
+    cache = Path(xdg) if xdg else home / ".cache"
+    folders = {
+        "uv": Path(os.environ.get("UV_CACHE_DIR") or cache / "uv"),
+        "pip": Path(os.environ.get("PIP_CACHE_DIR") or cache / "pip"),
+        "npm": Path(os.environ.get("npm_config_cache") or home / ".npm"),
+    }
+    sizes = {}
+    for name, folder in folders.items():
+        total = 0
+        for root, _, files in os.walk(folder):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+        sizes[name] = round(total / 2**20, 1)
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.setup_time", description=__doc__.split("\n\n")[0])
     parser.add_argument("--installer", choices=("auto", "pip"), default="auto", help="pip forces pip (default auto)")
@@ -116,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     make_args = ["UV="] if args.installer == "pip" else []
 
     load_before = _record.load()
+    caches = package_caches()
     start = time.perf_counter()
     if args.clone is not None:
         clone = Path(args.clone).resolve()
@@ -143,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fresh_clone": args.clone is None,
         "installer_used": installer_used(clone),
         "clone_seconds": round(clone_seconds, 1),
+        "package_caches_mib": caches,
         "parts": parts,
         "total_seconds": round(sum(parts[p]["seconds"] for p in phases if p in parts), 1),
         "load_average_before": load_before,

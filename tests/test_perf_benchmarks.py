@@ -101,6 +101,19 @@ def test_setup_time_times_each_part(tmp_path):
     assert saved["installer_used"] == "pip"  # UV= was passed to make
     assert parts["notebooks"] == {"seconds": 0, "per_notebook": []}  # no Sphinx environment was built
     assert saved["total_seconds"] == round(sum(parts[p]["seconds"] for p in setup_time.PHASES), 1)
+    assert set(saved["package_caches_mib"]) == {"uv", "pip", "npm"}
+
+
+def test_setup_time_measures_the_package_caches(tmp_path, monkeypatch):
+    """A warm cache is recorded by its size, so a run that downloads nothing is not read as a fresh one."""
+    for name, mib in (("uv", 3), ("pip", 1), ("npm", 0)):
+        folder = tmp_path / name / "deep"
+        folder.mkdir(parents=True)
+        (folder / "package.whl").write_bytes(b"x" * mib * 2**20)
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv"))
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip"))
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm"))
+    assert setup_time.package_caches() == {"uv": 3.0, "pip": 1.0, "npm": 0.0}
 
 
 def test_failed_notebooks_read_from_the_build_environment(tmp_path):
