@@ -43,6 +43,7 @@ from torch import Tensor
 from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, OBJECTIVES, check_architecture
 from vaelib._lock import RunLocked, exclusive
 from vaelib._progress import progress_enabled
+from vaelib._stats import mean_se
 from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
 from vaelib.devices import resolve_device
@@ -370,7 +371,7 @@ def _train_locked(
         "settings": config,
         "history": history.to_dict(),
         "test_bound": {"objective": args.objective, "k": args.k, "nats": float(test_bound.mean())},
-        "test_log_likelihood": {"k": args.test_k, "nats": float(ll.mean()), "standard_error": _se(ll)},
+        "test_log_likelihood": {"k": args.test_k, "nats": float(ll.mean()), "standard_error": mean_se(ll)[1]},
         "n_test": test.shape[0],
     }
     _write_json(out / METRICS, metrics)
@@ -380,10 +381,6 @@ def _train_locked(
         f"(k={args.test_k}); wrote {out / METRICS}{' and ' + str(out / SAMPLES) if drawn else ''}"
     )
     return 0
-
-
-def _se(values: Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.nan
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -407,7 +404,7 @@ def evaluate(args: argparse.Namespace) -> int:
         ll = log_likelihood(vae, test, k=args.k, batch_size=args.batch_size, progress=show_bar).double().cpu()
     print(
         f"test log-likelihood: {float(ll.mean()):.4f} nats per image "
-        f"(k={args.k}, {ll.numel()} test images of {config['data']}, standard error {_se(ll):.4f})"
+        f"(k={args.k}, {ll.numel()} test images of {config['data']}, standard error {mean_se(ll)[1]:.4f})"
     )
     return 0
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
 from vaelib._checks import check_choice, check_nonnegative_int, check_positive_float, check_positive_int
+from vaelib._stats import mean_se
 from vaelib.bounds import elbo_from_log_weights, log_weights
 from vaelib.threads import StepThreads, matmul_work
 
@@ -184,12 +185,6 @@ def _log_marginal(model: Any, x: Tensor, q: Distribution, k: int, seed: int, chu
     return total - math.log(k)
 
 
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    n = values.shape[0]
-    se = float(values.std()) / math.sqrt(n) if n > 1 else math.nan
-    return float(values.mean()), se
-
-
 @dataclass(frozen=True)
 class InferenceGaps:
     """Per-point estimates of :math:`\\log p(x)`, two ELBOs and the gaps between them.
@@ -233,12 +228,12 @@ class InferenceGaps:
     def table(self) -> dict[str, tuple[float, float]]:
         """Each quantity's mean over the data points and its standard error, in nats."""
         return {
-            "log p(x)": _mean_se(self.log_px),
-            "ELBO, encoder": _mean_se(self.elbo_amortized),
-            "ELBO, optimized": _mean_se(self.elbo_optimized),
-            "approximation gap": _mean_se(self.approximation_gap),
-            "amortization gap": _mean_se(self.amortization_gap),
-            "inference gap": _mean_se(self.inference_gap),
+            "log p(x)": mean_se(self.log_px),
+            "ELBO, encoder": mean_se(self.elbo_amortized),
+            "ELBO, optimized": mean_se(self.elbo_optimized),
+            "approximation gap": mean_se(self.approximation_gap),
+            "amortization gap": mean_se(self.amortization_gap),
+            "inference gap": mean_se(self.inference_gap),
         }
 
     def adds_up(self, n_se: float = 4.0) -> bool:
@@ -249,7 +244,7 @@ class InferenceGaps:
         zero in expectation. True when its mean is within ``n_se`` standard errors.
         """
         diff = self.approximation_gap + self.amortization_gap - self.inference_gap  # (n,)
-        mean, se = _mean_se(diff)
+        mean, se = mean_se(diff)
         return abs(mean) <= n_se * se
 
 

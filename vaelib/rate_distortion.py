@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, kl_divergence
 
 from vaelib._checks import check_nonnegative_int, check_positive_int, check_seed
+from vaelib._stats import mean_se
 from vaelib.callbacks import Callback, Logs
 
 __all__ = [
@@ -130,11 +131,9 @@ class RateDistortion:
 
     def mean(self) -> dict[str, float]:
         """Means over the data points and their standard errors: keys rate, rate_se, distortion, distortion_se."""
-        n = self.rate.shape[0]
         out = {}
-        for name, v in (("rate", self.rate.detach()), ("distortion", self.distortion.detach())):
-            out[name] = float(v.mean())
-            out[f"{name}_se"] = float(v.std() / n**0.5) if n > 1 else math.nan
+        for name, values in (("rate", self.rate), ("distortion", self.distortion)):
+            out[name], out[f"{name}_se"] = mean_se(values)
         return out
 
 
