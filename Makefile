@@ -13,8 +13,10 @@ MATHJAX_DIR := book/_static/mathjax
 MATHJAX := $(MATHJAX_DIR)/tex-chtml-full.js
 
 # No progress bars (and so no widget state) in executed notebooks and logs.
+# MPLBACKEND stays unset: the notebook kernels then draw with ipykernel's inline
+# backend, so every figure is an image output and an image on the page
+# (tests/test_figures.py counts them). Test processes choose Agg for themselves.
 export VAELIB_PROGRESS := 0
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: help install book test lint format unit notebooks site browser clean constraints benchmarks mathjax

@@ -139,7 +139,7 @@ def record_path(part: str, out: Path, device: torch.device, tiny: bool, data_dir
 def run_part(command: list[str], limit: float, log: Path) -> tuple[str, float]:
     """Run one part for at most ``limit`` seconds; return its status and wall seconds."""
     start = time.perf_counter()
-    env = {**os.environ, "VAELIB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "VAELIB_PROGRESS": "0"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_record.ROOT), env.get("PYTHONPATH")) if p)
     with log.open("w") as f:
         proc = subprocess.Popen(command, cwd=_record.ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import random
 
+import matplotlib
 import pytest
 import torch
 
 import vaelib
+
+# Figures drawn by the tests themselves go nowhere. Only this process: the kernels and
+# subprocesses the tests start keep the environment's backend (inline in a kernel).
+matplotlib.use("Agg")
 
 
 @pytest.fixture(autouse=True)

@@ -24,11 +24,14 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 import yaml
 
+from tests import _figures
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
+EXECUTED = ROOT / "_build" / "jupyter_execute"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -180,7 +183,14 @@ _IMAGES = """async () => {
     images.forEach(img => { img.loading = 'eager'; });
     await Promise.all(images.map(img => img.complete ? null : new Promise(r => { img.onload = img.onerror = r; })));
     window.scrollTo(0, 0);
-    return images.map(img => ({src: img.currentSrc || img.src, ok: img.complete && img.naturalWidth > 0}));
+    return images.map(img => ({
+        src: img.currentSrc || img.src,
+        ok: img.complete && img.naturalWidth > 0,
+        output: Boolean(img.closest('.cell_output')),
+        alt: img.getAttribute('alt') || '',
+        shown: img.getBoundingClientRect().width,
+        column: (img.closest('main') || document.body).getBoundingClientRect().width,
+    }));
 }"""
 
 
@@ -239,8 +249,40 @@ def test_page(browser, site_url, page):
         assert status == 200 and body.strip(), f"download {href} is empty or failed"
     if source.suffix == ".ipynb":
         assert outputs > 0, "a notebook page shows no executed outputs"
+        figures = [i for i in images if i["output"]]
+        expected = _figures.figure_count(source)
+        assert len(figures) == expected, f"the page shows {len(figures)} figures; {source.name} draws {expected}"
+        no_alt = [i["src"] for i in figures if i["alt"].endswith(".png") or len(i["alt"].split()) < 8]
+        assert not no_alt, f"figures whose alt text is a file name or missing: {no_alt}"
+        wider = [i["src"] for i in figures if i["shown"] > i["column"] + 1]
+        assert not wider, f"figures wider than the page's column: {wider}"
         assert colab == 1, f"no Colab launch link to {_colab_url(page)}"
         assert "Colab only:" not in prose, "the Colab install cell is shown on the page"
+
+
+def _executed(chapter: Path) -> Path:
+    return EXECUTED / chapter.relative_to(ROOT)
+
+
+@pytest.mark.parametrize("chapter", sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_figure_cell_holds_its_image(chapter):
+    """In the notebook the site was built from, each figure cell holds one image and no other cell holds one.
+
+    With ``MPLBACKEND=Agg`` in the kernels' environment ``plt.show()`` draws nothing: every
+    figure cell then fails here, and every chapter page fails ``test_page``.
+    """
+    executed = _executed(chapter)
+    if not executed.is_file():
+        pytest.fail(f"{executed.relative_to(ROOT)} is missing: run `make site` first")
+    source_cells, run_cells = _figures.code_cells(chapter), _figures.code_cells(executed)
+    assert len(run_cells) == len(source_cells), "the executed notebook is not the one in book/: rebuild"
+    counts = [_figures.image_outputs(c) for c in run_cells]
+    wanted = [int(_figures.is_figure_cell(c)) for c in source_cells]
+    missing = [i for i, (n, w) in enumerate(zip(counts, wanted)) if n != w]
+    assert missing == [], (
+        f"code cells {missing} hold {[counts[i] for i in missing]} images where {[wanted[i] for i in missing]} "
+        f"were expected ({sum(counts)} images in all, {sum(wanted)} figure cells in the source)"
+    )
 
 
 def test_search_finds_a_chapter_word(browser, site_url):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import _wheel
+from tests import _figures, _wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -164,6 +164,7 @@ _EXECUTE = textwrap.dedent(
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": "."}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    nbformat.write(nb, sys.argv[2])
     print("".join(o.get("text", "") for o in nb.cells[-1].outputs), end="")
     """
 )
@@ -186,9 +187,10 @@ def test_a_notebook_runs_with_only_the_installed_package(reader_python, tmp_path
     notebook = shutil.copy(_stand_in_notebook(), tmp_path / "chapter.ipynb")
     script = tmp_path / "execute.py"
     script.write_text(_EXECUTE)
+    # The kernel's matplotlib backend is left to the environment, as in the book's build:
+    # inline, so that every figure is an image output.
     env = _wheel.clean_env(
         VAELIB_PROGRESS="0",
-        MPLBACKEND="Agg",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
         # Only the reader environment's own kernel spec and no user configuration.
         JUPYTER_PATH="",
@@ -196,8 +198,12 @@ def test_a_notebook_runs_with_only_the_installed_package(reader_python, tmp_path
         JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
         IPYTHONDIR=str(tmp_path / "ipython"),
     )
-    proc = _wheel.run([reader_python, script, notebook], cwd=tmp_path, timeout=900, env=env)
+    executed = tmp_path / "executed.ipynb"
+    proc = _wheel.run([reader_python, script, notebook, executed], cwd=tmp_path, timeout=900, env=env)
     executable, vaelib_file = proc.stdout.strip().splitlines()[-2:]
+    figures = [_figures.image_outputs(c) for c in _figures.code_cells(executed) if _figures.is_figure_cell(c)]
+    assert figures, f"{notebook.name} draws no figure: pick a stand-in that does"
+    assert figures == [1] * len(figures), f"images per figure cell: {figures} (one each expected)"
     prefix = reader_python.parent.parent
     assert Path(executable).parent.parent == prefix, f"the kernel ran {executable}, not the reader's Python"
     assert Path(vaelib_file).is_relative_to(prefix / "lib"), f"the kernel imported vaelib from {vaelib_file}"
