@@ -20,27 +20,34 @@ from vaelib import (
     synthesis,
 )
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
+from vaelib.callbacks import EarlyStopping
 from vaelib.checkpoint import CheckpointError, load, save
-from vaelib.devices import default_device
+from vaelib.devices import default_device, training_precision
 from vaelib.estimators import elbo_surrogate
 from vaelib.evaluate import active_units, latent_activity, log_likelihood
 from vaelib.glue import glue
 from vaelib.history import History
-from vaelib.iwae_gradients import iwae_objective, iwae_surrogate
+from vaelib.iwae_gradients import iwae_surrogate
 from vaelib.models import VAE, MLPConfig
-from vaelib.renyi import renyi_from_log_weights, renyi_objective
+from vaelib.objectives import ELBO, IWAE, BetaELBO, Renyi
+from vaelib.renyi import renyi_from_log_weights
 from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ELBO",
+    "IWAE",
     "VAE",
+    "BetaELBO",
     "Bimodal",
     "CheckpointError",
+    "EarlyStopping",
     "History",
     "LinearGaussian",
     "MLPConfig",
+    "Renyi",
     "TrainingDiverged",
     "__version__",
     "active_units",
@@ -59,7 +66,6 @@ __all__ = [
     "gaps",
     "glue",
     "iwae_from_log_weights",
-    "iwae_objective",
     "iwae_surrogate",
     "latent_activity",
     "load",
@@ -69,7 +75,7 @@ __all__ = [
     "plot",
     "rate_distortion",
     "renyi_from_log_weights",
-    "renyi_objective",
     "save",
     "synthesis",
+    "training_precision",
 ]

@@ -20,7 +20,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import torch
 
@@ -30,6 +30,7 @@ from vaelib._lock import RunLocked
 from vaelib.devices import resolve_device
 from vaelib.history import History
 from vaelib.models import VAE
+from vaelib.objectives import describe, upgrade_settings
 
 __all__ = [
     "CheckpointError",
@@ -237,6 +238,20 @@ def write_training_checkpoint(
     return atomic_save(record, path)
 
 
+def _refuse_settings(path: Path, saved: Any, now: dict[str, Any]) -> NoReturn:
+    """A ``CheckpointError`` naming the objectives and every other setting that differ, both sides."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its training settings are unreadable ({type(saved).__name__})")
+    parts = []
+    if saved.get("objective") != now.get("objective"):
+        parts.append(f"objective {describe(saved.get('objective'))} then, {describe(now.get('objective'))} now")
+    keys = sorted((set(now) | set(saved)) - {"objective"})
+    diff = {key: (saved.get(key), now.get(key)) for key in keys if saved.get(key) != now.get(key)}
+    if diff:
+        parts.append(f"other settings (saved, now): {diff}")
+    raise CheckpointError(f"{path}: written with other training settings: {'; '.join(parts)}")
+
+
 def verify_training_checkpoint(
     path: str | os.PathLike[str],
     vae: VAE,
@@ -263,14 +278,9 @@ def verify_training_checkpoint(
     saved = read_checkpoint(path)
     if saved.get("kind") != "checkpoint":
         raise CheckpointError(f"{path}: a saved model, not a training checkpoint; cannot resume from it")
-    if saved["settings"] != settings:
-        keys = sorted(set(settings) | set(saved["settings"]))
-        diff = {
-            key: (saved["settings"].get(key), settings.get(key))
-            for key in keys
-            if saved["settings"].get(key) != settings.get(key)
-        }
-        raise CheckpointError(f"{path}: written with other training settings (saved, now): {diff}")
+    recorded = upgrade_settings(saved["settings"]) if isinstance(saved["settings"], dict) else saved["settings"]
+    if recorded != settings:
+        _refuse_settings(path, recorded, settings)
     record = saved["model"] if isinstance(saved["model"], dict) else {}
     mine = vae.config.to_dict() if vae.config is not None else None
     theirs = record.get("config")

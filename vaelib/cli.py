@@ -40,19 +40,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, OBJECTIVES, check_architecture
+from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, check_architecture
 from vaelib._lock import RunLocked, exclusive
 from vaelib._progress import progress_enabled
 from vaelib._stats import mean_se
 from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
-from vaelib.devices import resolve_device
+from vaelib.devices import resolve_device, training_precision
 from vaelib.distributed import init_from_env, rank_and_world_size, shutdown
 from vaelib.evaluate import log_likelihood
 from vaelib.history import History
+from vaelib.iwae_gradients import IWAE_ESTIMATORS
 from vaelib.models import ACTIVATIONS, VAE
-from vaelib.objectives import bound
-from vaelib.train import TrainingDiverged, _settings, fit
+from vaelib.objectives import (
+    ELBO,
+    IWAE,
+    BetaELBO,
+    Objective,
+    Renyi,
+    describe,
+    samples_per_point,
+    settings_of,
+    upgrade_settings,
+    validation_objective,
+)
+from vaelib.train import TrainingDiverged, fit, run_settings
 
 __all__ = ["build_parser", "main"]
 
@@ -61,8 +73,9 @@ EXIT_INTERRUPTED = 130
 RUN, CHECKPOINT, METRICS, SAMPLES = "run.json", "checkpoint.pt", "metrics.json", "samples.png"
 LOCK = f".{CHECKPOINT}.lock"  # the lock fit takes on the checkpoint, taken first for the whole folder
 X_DIM = {"digits": 64, "mnist": 784}
-# Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES).
-_FIXED = "data z_dim hidden activation likelihood objective k analytic_kl batch_size lr seed".split()
+# Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES);
+# the objective, with every field, is compared as its value records it.
+_FIXED = "data z_dim hidden activation likelihood objective batch_size lr seed".split()
 
 EPILOG = """examples:
   vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5
@@ -112,6 +125,52 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+# --objective NAME: the objective value it builds, and the flags that set its fields.
+CLI_OBJECTIVES: dict[str, tuple[Callable[..., Objective], dict[str, str]]] = {
+    "elbo": (ELBO, {"k": "k", "analytic_kl": "analytic_kl"}),
+    "iwae": (IWAE, {"k": "k", "estimator": "estimator"}),
+    "beta-elbo": (BetaELBO, {"k": "k", "beta": "beta", "warmup_epochs": "warmup_epochs", "free_bits": "free_bits"}),
+    "renyi": (Renyi, {"k": "k", "alpha": "alpha"}),
+}
+_OBJECTIVE_FLAGS = ("k", "analytic_kl", "estimator", "beta", "warmup_epochs", "free_bits", "alpha")
+
+
+def objective_from_args(args: argparse.Namespace) -> Objective:
+    """The objective value that ``--objective`` and its flags describe (the same classes as ``fit`` takes)."""
+    make, fields = CLI_OBJECTIVES[args.objective]
+    given = {flag: getattr(args, flag) for flag in _OBJECTIVE_FLAGS if getattr(args, flag) not in (None, False)}
+    stray = [flag for flag in given if flag not in fields]
+    if stray:
+        flag = stray[0].replace("_", "-")
+        users = [name for name, (_, f) in CLI_OBJECTIVES.items() if stray[0] in f]
+        raise ValueError(f"--{flag}: applies to --objective {' or '.join(users)} only, not {args.objective}")
+    if args.objective == "renyi" and "alpha" not in given:
+        raise ValueError("--alpha: --objective renyi needs its alpha, a number in [0, 1)")
+    try:
+        return make(**{fields[flag]: value for flag, value in given.items()})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{str(err).split(':', 1)[0].replace('_', '-')}: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _label(objective: Objective) -> str:
+    """How the CLI names the bound in its lines: ELBO, IWAE (k=5), beta-ELBO, Renyi (alpha=0.5, k=5)."""
+    if isinstance(objective, IWAE):
+        return f"IWAE (k={objective.k})"
+    if isinstance(objective, Renyi):
+        return f"Renyi (alpha={objective.alpha:g}, k={objective.k})"
+    return "beta-ELBO" if isinstance(objective, BetaELBO) else "ELBO"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vaelib`` argument parser, with its ``train`` and ``evaluate`` commands."""
     parser = _Parser(prog="vaelib", description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_Formatter)
@@ -130,9 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--root", metavar="DIR", help="folder of the four MNIST IDX files (needed with --data mnist)")
     t.add_argument("--download", action="store_true", help="fetch missing MNIST files (each checked by SHA-256)")
-    t.add_argument("--objective", choices=OBJECTIVES, default="elbo", help="bound to maximize")
-    t.add_argument("--k", type=_int_at_least(1), default=1, help="importance samples per data point in training")
+    t.add_argument("--objective", choices=tuple(CLI_OBJECTIVES), default="elbo", help="bound to maximize")
+    t.add_argument(
+        "--k",
+        type=_int_at_least(1),
+        help="importance samples per data point in training (default: 1 for elbo and beta-elbo, 5 for iwae and renyi)",
+    )
     t.add_argument("--analytic-kl", action="store_true", help="closed-form KL term (with --objective elbo only)")
+    t.add_argument("--estimator", choices=IWAE_ESTIMATORS, help="gradient estimator (with --objective iwae only)")
+    t.add_argument("--beta", type=_nonnegative_float, help="KL weight (with --objective beta-elbo only; default 1)")
+    t.add_argument(
+        "--warmup-epochs", type=_int_at_least(0), help="epochs of linear KL warm-up (with --objective beta-elbo only)"
+    )
+    t.add_argument(
+        "--free-bits", type=_nonnegative_float, help="free bits per latent dimension (with --objective beta-elbo only)"
+    )
+    t.add_argument("--alpha", type=_nonnegative_float, help="Renyi alpha in [0, 1) (with --objective renyi; needed)")
     t.add_argument("--epochs", type=_int_at_least(0), default=50, help="total passes over the training data")
     t.add_argument("--batch-size", type=_int_at_least(1), default=100, help="data points per gradient step")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
@@ -281,8 +353,7 @@ def train(args: argparse.Namespace) -> int:
     """``vaelib train``: see :func:`build_parser` for the options."""
     out = Path(args.out)
     checkpoint = out / CHECKPOINT
-    if args.analytic_kl and args.objective != "elbo":
-        raise ValueError("--analytic-kl: the closed-form KL applies to --objective elbo only")
+    objective = objective_from_args(args)
     try:
         check_architecture(X_DIM[args.data], args.z_dim, tuple(args.hidden), args.likelihood)
     except ValueError as err:
@@ -292,7 +363,7 @@ def train(args: argparse.Namespace) -> int:
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size: the global batch of {args.batch_size} does not split among {world_size} ranks")
     if rank != 0:
-        return _train_rank(args, checkpoint, device)
+        return _train_rank(args, objective, checkpoint, device)
     _check_out(out, args.out, args.resume)
     train_x, test_x = _load_data(args.data, args.root, args.download)
     if world_size > 1:
@@ -300,30 +371,38 @@ def train(args: argparse.Namespace) -> int:
     root = str(Path(args.root).resolve()) if args.root else None
     config = {"format": "vaelib-run", "x_dim": train_x.shape[1], "root": root, "epochs": args.epochs}
     config |= {key: getattr(args, key) for key in _FIXED}
+    config["objective"] = settings_of(objective)
     config["matmul_precision"] = args.matmul_precision  # may change on --resume
     with exclusive(out / LOCK, f"the run folder {out}"):
         _check_out(out, args.out, args.resume)  # again, now that no other run can change it
-        return _train_locked(args, out, checkpoint, config, device, train_x, test_x)
+        return _train_locked(args, objective, out, checkpoint, config, device, train_x, test_x)
 
 
-def _train_rank(args: argparse.Namespace, checkpoint: Path, device: torch.device) -> int:
+def _fit_options(
+    args: argparse.Namespace, objective: Objective, checkpoint: Path, device: torch.device
+) -> dict[str, Any]:
+    """The arguments of ``fit`` that the command's flags give."""
+    options: dict[str, Any] = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed")}
+    if_exists = "resume" if args.resume else "error"
+    return options | {"objective": objective, "device": device, "checkpoint": checkpoint, "if_exists": if_exists}
+
+
+def _train_rank(args: argparse.Namespace, objective: Objective, checkpoint: Path, device: torch.device) -> int:
     """A rank other than 0 under torchrun: it trains its share of every batch and writes nothing."""
     dist.barrier()  # rank 0 has checked --out and fetched the data
     train_x, _ = _load_data(args.data, args.root, download=False)
     torch.manual_seed(args.seed)
     vae = VAE.mlp(train_x.shape[1], args.z_dim, tuple(args.hidden), args.activation, args.likelihood)
-    options = {
-        key: getattr(args, key)
-        for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed", "matmul_precision")
-    }
-    with warnings.catch_warnings():
+    options = _fit_options(args, objective, checkpoint, device)
+    with warnings.catch_warnings(), training_precision(args.matmul_precision):
         warnings.filterwarnings("ignore", message="fit: interrupted")  # rank 0 says it
-        history = fit(vae, train_x, **options, device=device, checkpoint=checkpoint, resume=args.resume, progress=False)
+        history = fit(vae, train_x, **options, progress=False)
     return _STOP.status() if history.interrupted else 0
 
 
 def _train_locked(
     args: argparse.Namespace,
+    objective: Objective,
     out: Path,
     checkpoint: Path,
     config: dict[str, Any],
@@ -333,7 +412,9 @@ def _train_locked(
 ) -> int:
     """The part of ``vaelib train`` that runs while this process holds the folder's lock."""
     if args.resume and (out / RUN).exists():
-        saved = _read_run(out / RUN)
+        saved = upgrade_settings(_read_run(out / RUN))  # a run folder of an earlier version names the objective
+        saved["objective"] = describe(saved.get("objective"))
+        config = config | {"objective": describe(config["objective"])}
         changed = [
             f"--{key.replace('_', '-')} {saved.get(key)} then, {config[key]} now"
             for key in _FIXED
@@ -345,19 +426,16 @@ def _train_locked(
     torch.manual_seed(args.seed)
     vae = VAE.mlp(train_x.shape[1], args.z_dim, tuple(args.hidden), args.activation, args.likelihood)
     if args.resume and checkpoint.exists():  # every check of the resume, before run.json is written
-        settings = _settings(args.objective, args.k, args.analytic_kl, args.batch_size, args.lr, args.seed)
+        settings = run_settings(objective, args.batch_size, args.lr, args.seed)
         verify_training_checkpoint(checkpoint, vae, settings, epochs=args.epochs)
-    _write_json(out / RUN, config)
-    label = "ELBO" if args.objective == "elbo" else f"IWAE (k={args.k})"
+    _write_json(out / RUN, config | {"objective": settings_of(objective)})
+    label = _label(objective)
     show_bar = sys.stdout.isatty() and progress_enabled(None)
-    options = {
-        key: getattr(args, key)
-        for key in ("objective", "k", "analytic_kl", "epochs", "batch_size", "lr", "seed", "matmul_precision")
-    }
-    options |= {"device": device, "checkpoint": checkpoint, "resume": args.resume, "progress": show_bar}
-    with warnings.catch_warnings():
+    options = _fit_options(args, objective, checkpoint, device) | {"progress": show_bar}
+    lines = [] if show_bar else [_epoch_line(args.epochs, label)]
+    with warnings.catch_warnings(), training_precision(args.matmul_precision):
         warnings.filterwarnings("ignore", message="fit: interrupted")  # said below, in one line
-        history = fit(vae, train_x, **options, callback=None if show_bar else _epoch_line(args.epochs, label))
+        history = fit(vae, train_x, **options, callbacks=lines)
     if history.interrupted:
         how = f"stopped by {_STOP.name}" if _STOP.signum else "interrupted"
         print(f"vaelib train: {how} after epoch {len(history)}; add --resume to continue", file=sys.stderr)
@@ -365,19 +443,24 @@ def _train_locked(
     test = _test_set(test_x, args.likelihood, args.seed).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(args.seed)
-        test_bound = torch.cat([bound(vae, xb, args.objective, args.k, args.analytic_kl) for xb in test.split(1000)])
+        scored = validation_objective(objective)  # the ELBO for beta-elbo
+        test_bound = torch.cat([scored(vae, xb) for xb in test.split(1000)])
         ll = log_likelihood(vae, test, k=args.test_k, progress=show_bar).double().cpu()
     metrics: dict[str, Any] = {
         "settings": config,
         "history": history.to_dict(),
-        "test_bound": {"objective": args.objective, "k": args.k, "nats": float(test_bound.mean())},
+        "test_bound": {
+            "objective": settings_of(scored),
+            "k": samples_per_point(scored),
+            "nats": float(test_bound.mean()),
+        },
         "test_log_likelihood": {"k": args.test_k, "nats": float(ll.mean()), "standard_error": mean_se(ll)[1]},
         "n_test": test.shape[0],
     }
     _write_json(out / METRICS, metrics)
     drawn = _draw(vae, test_x, out / SAMPLES, args.seed)
     print(
-        f"test {label} {metrics['test_bound']['nats']:.3f} nats; test log p(x) {float(ll.mean()):.3f} nats "
+        f"test {_label(scored)} {metrics['test_bound']['nats']:.3f} nats; test log p(x) {float(ll.mean()):.3f} nats "
         f"(k={args.test_k}); wrote {out / METRICS}{' and ' + str(out / SAMPLES) if drawn else ''}"
     )
     return 0

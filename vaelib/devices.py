@@ -4,20 +4,30 @@
 (:func:`default_device`: CUDA, then Apple's MPS, then the CPU) and refuses a
 device this machine does not have, naming it. :func:`float32_matmul_precision`
 lets a block multiply float32 matrices on tensor cores (TF32) or bfloat16
-units, and restores the caller's setting afterwards.
+units, and restores the caller's setting afterwards. :func:`training_precision`
+sets the precision that :func:`~vaelib.train.fit` trains at, for the calls inside
+its block (``"medium"`` elsewhere).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
 
 from vaelib._checks import MATMUL_PRECISIONS, check_choice
 
-__all__ = ["MatmulPrecision", "default_device", "float32_matmul_precision", "resolve_device"]
+__all__ = [
+    "MatmulPrecision",
+    "default_device",
+    "fit_precision",
+    "float32_matmul_precision",
+    "resolve_device",
+    "training_precision",
+]
 
 MatmulPrecision = Literal["highest", "high", "medium"]
 
@@ -74,3 +84,28 @@ def float32_matmul_precision(precision: MatmulPrecision | str) -> Iterator[None]
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+_TRAINING_PRECISION: ContextVar[MatmulPrecision] = ContextVar("vaelib_training_precision", default="medium")
+
+
+@contextlib.contextmanager
+def training_precision(precision: MatmulPrecision | str) -> Iterator[None]:
+    """Train at ``precision`` in every :func:`~vaelib.train.fit` called inside the block.
+
+    ``fit`` multiplies float32 matrices in its training steps at ``"medium"`` (TF32 on a
+    GPU, bfloat16 products on a CPU that has them; see :func:`float32_matmul_precision`);
+    ``with vaelib.training_precision("highest"): fit(...)`` trains in float32 throughout.
+    The validation bound and everything outside ``fit`` keep the caller's setting.
+    """
+    check_choice(precision, "precision", MATMUL_PRECISIONS)
+    token = _TRAINING_PRECISION.set(precision)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _TRAINING_PRECISION.reset(token)
+
+
+def fit_precision() -> MatmulPrecision:
+    """The precision :func:`~vaelib.train.fit` trains at here: set by :func:`training_precision`, else ``"medium"``."""
+    return _TRAINING_PRECISION.get()

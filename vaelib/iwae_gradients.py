@@ -39,9 +39,8 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 from vaelib._checks import check_choice, check_positive_int
 from vaelib.bounds import iwae_from_log_weights
 from vaelib.estimators import LatentModel
-from vaelib.models import VAE
 
-__all__ = ["IWAE_ESTIMATORS", "iwae_gradient_samples", "iwae_objective", "iwae_surrogate", "stop_gradient"]
+__all__ = ["IWAE_ESTIMATORS", "iwae_gradient_samples", "iwae_surrogate", "stop_gradient"]
 
 IWAE_ESTIMATORS = ("reparam", "stl", "dreg")
 
@@ -116,21 +115,6 @@ def iwae_surrogate(
         w_tilde = torch.softmax(log_w.detach(), dim=0).unsqueeze(-1)  # (k, batch, 1)
         z.register_hook(lambda grad: grad * w_tilde)
     return iwae_from_log_weights(log_w)  # (batch,)
-
-
-def iwae_objective(k: int = 5, *, estimator: str = "reparam") -> Callable[[VAE, Tensor], Tensor]:
-    """``(vae, x) -> (batch,)``: the IWAE surrogate of a VAE, for a training loop or ``fit``.
-
-    .. math:: \\hat{\\mathcal{L}}_k(x) = \\log \\frac{1}{k} \\sum_{i=1}^k w_i
-    """
-    check_positive_int(k, "k")
-    check_choice(estimator, "estimator", IWAE_ESTIMATORS)
-
-    def objective(vae: VAE, x: Tensor) -> Tensor:
-        return iwae_surrogate(x, vae.encode(x), vae, k, estimator=estimator)
-
-    objective.__name__ = f"iwae_{estimator}_k{k}"
-    return objective
 
 
 def iwae_gradient_samples(

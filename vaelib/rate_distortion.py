@@ -20,7 +20,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -28,14 +28,12 @@ from torch.distributions import Distribution, Independent, kl_divergence
 
 from vaelib._checks import check_nonnegative_int, check_positive_int, check_seed
 from vaelib._stats import mean_se
-from vaelib.callbacks import Callback, Logs
 
 __all__ = [
-    "BetaObjective",
-    "KLSchedule",
     "LatentModel",
     "RateDistortion",
     "beta_elbo",
+    "check_weight",
     "kl_warmup",
     "rate_distortion",
 ]
@@ -59,7 +57,8 @@ def _check_model(vae: object) -> None:
         raise TypeError(f"vae: expected a model with encode, decode and prior (a vaelib.VAE), got {type(vae).__name__}")
 
 
-def _check_weight(value: object, name: str) -> float:
+def check_weight(value: object, name: str) -> float:
+    """A weight such as beta or free bits as a finite float >= 0, or an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise TypeError(f"{name}: expected a finite number >= 0, got {value!r}")
     if value < 0:
@@ -234,33 +233,14 @@ def beta_elbo(
     Flow", appendix C (free bits).
     """
     _check_model(vae)
-    beta = _check_weight(beta, "beta")
-    free_bits = _check_weight(free_bits, "free_bits")
+    beta = check_weight(beta, "beta")
+    free_bits = check_weight(free_bits, "free_bits")
     k = check_positive_int(k, "k")
     distortion, rate = _terms(vae, x, k, analytic_kl, None)  # (batch,), (batch, groups)
     if free_bits > 0:
         below = rate.detach().mean(dim=0) <= free_bits  # (groups,)
         rate = torch.where(below, torch.full_like(rate, free_bits), rate)  # (batch, groups)
     return -(distortion + beta * rate.sum(dim=-1))
-
-
-class BetaObjective:
-    """:func:`beta_elbo` as an objective for :func:`~vaelib.train.fit`, with a KL weight that can change.
-
-    ``objective(vae, x)`` returns :func:`beta_elbo` at the current ``beta``;
-    :class:`KLSchedule` sets ``beta`` before each epoch.
-    """
-
-    def __init__(
-        self, beta: float = 1.0, *, k: int = 1, analytic_kl: bool | None = None, free_bits: float = 0.0
-    ) -> None:
-        self.beta = _check_weight(beta, "beta")
-        self.k = check_positive_int(k, "k")
-        self.analytic_kl = analytic_kl
-        self.free_bits = _check_weight(free_bits, "free_bits")
-
-    def __call__(self, vae: Any, x: Tensor, /) -> Tensor:
-        return beta_elbo(vae, x, self.beta, k=self.k, analytic_kl=self.analytic_kl, free_bits=self.free_bits)
 
 
 def kl_warmup(epochs: int, beta: float = 1.0) -> Callable[[int], float]:
@@ -279,83 +259,9 @@ def kl_warmup(epochs: int, beta: float = 1.0) -> Callable[[int], float]:
     Sønderby et al. (2016), "Ladder Variational Autoencoders".
     """
     epochs = check_nonnegative_int(epochs, "kl_warmup_epochs")
-    beta = _check_weight(beta, "beta")
+    beta = check_weight(beta, "beta")
 
     def weight(epoch: int) -> float:
         return beta if epochs == 0 else beta * min(1.0, (epoch - 1) / epochs)
 
     return weight
-
-
-class KLSchedule(Callback):
-    """Sets ``objective.beta = schedule(e)`` before each epoch ``e`` of :func:`~vaelib.train.fit`."""
-
-    def __init__(self, objective: BetaObjective, schedule: Callable[[int], float]) -> None:
-        if not callable(schedule):
-            raise TypeError(f"kl_schedule: expected a function epoch -> weight, got {type(schedule).__name__}")
-        self.objective = objective
-        self.schedule = schedule
-
-    def _set(self, epoch: int) -> None:
-        self.objective.beta = _check_weight(self.schedule(epoch), f"kl_schedule (its value at epoch {epoch})")
-
-    def on_train_begin(self, logs: Logs | None = None) -> None:
-        self._set(int((logs or {}).get("epoch", 0)) + 1)
-
-    def on_epoch_end(self, epoch: int, logs: Logs) -> bool:
-        self._set(epoch + 1)
-        return False
-
-    def __repr__(self) -> str:
-        return "KLSchedule"
-
-
-def fit_objective(
-    objective: object,
-    k: int,
-    analytic_kl: bool,
-    estimator: str,
-    *,
-    beta: float,
-    kl_warmup_epochs: int,
-    kl_schedule: Callable[[int], float] | None,
-    free_bits: float,
-) -> tuple[BetaObjective, KLSchedule | None, dict[str, object]] | None:
-    """What :func:`~vaelib.train.fit` trains on for its ``beta``, ``kl_warmup_epochs``, ``kl_schedule``, ``free_bits``.
-
-    ``None`` when all four are at their defaults (``fit`` then trains exactly as
-    without them); else the objective, the callback that sets its weight before
-    each epoch (or ``None`` for a constant ``beta``) and the settings a resumed run
-    must share. The options weight the KL term of the ELBO, so they are refused
-    with ``objective="iwae"``, a callable objective or an IWAE gradient estimator.
-    """
-    beta = _check_weight(beta, "beta")
-    kl_warmup_epochs = check_nonnegative_int(kl_warmup_epochs, "kl_warmup_epochs")
-    free_bits = _check_weight(free_bits, "free_bits")
-    if kl_schedule is not None and not callable(kl_schedule):
-        raise TypeError(f"kl_schedule: expected a function epoch -> weight, got {type(kl_schedule).__name__}")
-    given = {
-        "beta": beta if beta != 1.0 else None,
-        "kl_warmup_epochs": kl_warmup_epochs or None,
-        "kl_schedule": getattr(kl_schedule, "__qualname__", "kl_schedule") if kl_schedule is not None else None,
-        "free_bits": free_bits or None,
-    }
-    chosen = [name for name, value in given.items() if value is not None]
-    if not chosen:
-        return None
-    first = chosen[0]
-    if objective != "elbo":
-        shown = objective if isinstance(objective, str) else "a callable"
-        raise ValueError(f"{first}: weights the KL term of the ELBO; applies to objective='elbo' only, got {shown}")
-    if estimator != "reparam":
-        raise ValueError(f"{first}: applies to the reparameterization gradient only, got estimator={estimator!r}")
-    if kl_schedule is not None and (beta != 1.0 or kl_warmup_epochs):
-        raise ValueError(
-            "kl_schedule: gives the KL weight of every epoch itself; leave beta and kl_warmup_epochs unset"
-        )
-    train = BetaObjective(beta, k=k, analytic_kl=True if analytic_kl else None, free_bits=free_bits)
-    schedule = (
-        kl_schedule if kl_schedule is not None else kl_warmup(kl_warmup_epochs, beta) if kl_warmup_epochs else None
-    )
-    callback = KLSchedule(train, schedule) if schedule is not None else None
-    return train, callback, {key: value for key, value in given.items() if value is not None}

@@ -17,22 +17,20 @@ the IWAE bound and as :math:`\\alpha \\to 1` it tends to the mean of the log wei
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from vaelib._checks import check_positive_int
-from vaelib.bounds import _check_log_weights, log_weights
-from vaelib.models import VAE
+from vaelib.bounds import _check_log_weights
 
-__all__ = ["renyi_from_log_weights", "renyi_objective"]
+__all__ = ["check_alpha", "renyi_from_log_weights"]
 
 # Below this 1 - alpha the log1p/expm1 form keeps the digits that logsumexp - log k would cancel.
 _SMALL = 1e-3
 
 
-def _check_alpha(alpha: object) -> float:
+def check_alpha(alpha: object) -> float:
+    """``alpha`` as a float in [0, 1), or a ``TypeError`` / ``ValueError`` naming it."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float in [0, 1), got {type(alpha).__name__}")
     if not 0.0 <= float(alpha) < 1.0:
@@ -64,7 +62,7 @@ def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
     Li and Turner (2016), "Renyi divergence variational inference", eq. (8).
     """
     _check_log_weights(log_w)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     s = 1.0 - alpha
     k = log_w.shape[0]
     if s >= _SMALL:
@@ -73,21 +71,3 @@ def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
     # s (log w - m) is small, so nothing of size log k is subtracted.
     m = log_w.mean(dim=0)  # (batch,)
     return m + torch.log1p(torch.expm1(s * (log_w - m)).mean(dim=0)) / s
-
-
-def renyi_objective(alpha: float, k: int = 5) -> Callable[[VAE, Tensor], Tensor]:
-    """``(vae, x) -> (batch,)``: the reparameterized Renyi bound of a VAE, for a training loop or ``fit``.
-
-    .. math::
-
-        \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
-        \\log \\frac{1}{k} \\sum_{i=1}^k w_i^{1 - \\alpha}
-    """
-    alpha = _check_alpha(alpha)
-    check_positive_int(k, "k")
-
-    def objective(vae: VAE, x: Tensor) -> Tensor:
-        return renyi_from_log_weights(log_weights(x, vae.encode(x), vae.log_joint, k), alpha)
-
-    objective.__name__ = f"renyi_alpha{alpha:g}_k{k}"
-    return objective

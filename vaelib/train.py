@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +45,6 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
 from vaelib._checks import (
-    MATMUL_PRECISIONS,
     check_bool,
     check_choice,
     check_data,
@@ -59,15 +59,23 @@ from vaelib.batches import ResidentBatches, StreamedBatches, batch_source
 from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
 from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
 from vaelib.data import bernoulli_draw
-from vaelib.devices import MatmulPrecision, float32_matmul_precision, resolve_device
+from vaelib.devices import MatmulPrecision, fit_precision, float32_matmul_precision, resolve_device
 from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
 from vaelib.history import History
 from vaelib.models import VAE
-from vaelib.objectives import IWAEEstimator, Objective, ObjectiveName, iwae_at, qualified_name, resolve_objective
-from vaelib.rate_distortion import fit_objective
+from vaelib.objectives import (
+    Objective,
+    epoch_objective,
+    label,
+    qualified_name,
+    resolve,
+    samples_per_point,
+    settings_of,
+    validation_objective,
+)
 from vaelib.threads import StepThreads, matmul_work
 
-__all__ = ["TrainingDiverged", "fit"]
+__all__ = ["IF_EXISTS", "IfExists", "TrainingDiverged", "fit", "run_settings"]
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -96,17 +104,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def _settings(
-    objective: str, k: int, analytic_kl: bool, batch_size: int, lr: float | None, seed: int, **extra: object
-) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues.
+def run_settings(objective: Objective, batch_size: int, lr: float | None, seed: int, **extra: object) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (what a checkpoint records).
 
-    Options at their defaults are left out, so checkpoints of earlier versions still resume.
+    The objective's :func:`~vaelib.objectives.settings_of`, the batch size, the learning rate
+    of the default optimizer and the seed; ``extra`` options are recorded only when set.
     """
     settings: dict[str, object] = {
-        "objective": objective,
-        "k": k,
-        "analytic_kl": analytic_kl,
+        "objective": settings_of(objective),
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
@@ -114,16 +119,19 @@ def _settings(
     return settings | {key: value for key, value in extra.items() if value is not None}
 
 
-def _check_checkpoint_path(path: Path | None, resume: bool, overwrite: bool) -> None:
-    if resume and path is None:
-        raise ValueError("resume: resume=True needs a checkpoint path to resume from")
-    if resume and overwrite:
-        raise ValueError("overwrite: resume=True continues the checkpoint, overwrite=True replaces it; choose one")
+IfExists = Literal["error", "resume", "overwrite"]
+IF_EXISTS = ("error", "resume", "overwrite")
+
+
+def _check_checkpoint_path(path: Path | None, if_exists: str) -> None:
+    if if_exists == "resume" and path is None:
+        raise ValueError("if_exists: 'resume' needs a checkpoint path to resume from")
     if path is not None and path.is_dir():
         raise ValueError(f"checkpoint: {path} is a folder; expected the path of a checkpoint file")
-    if path is not None and path.exists() and not (resume or overwrite):
+    if path is not None and path.exists() and if_exists == "error":
         raise ValueError(
-            f"checkpoint: {path} already exists; pass resume=True to continue it or overwrite=True to replace it"
+            f"checkpoint: {path} already exists; pass if_exists='resume' to continue it "
+            "or if_exists='overwrite' to replace it"
         )
 
 
@@ -169,7 +177,8 @@ class _Run:
     vae: VAE
     batches: ResidentBatches | StreamedBatches  # the training rows (vaelib.batches)
     valid: Tensor | None  # binarized once when binarize is on
-    objective: Objective
+    objective: Objective  # this epoch's (the given objective's for_epoch)
+    base_objective: Objective  # as given to fit
     valid_objective: Objective
     opt: Optimizer
     scheduler: Any
@@ -217,6 +226,9 @@ def _train_epoch(run: _Run, epoch: int) -> float:
     """One pass over the data in a fresh random order; the mean training bound (the epoch's one host sync)."""
     seed = _epoch_seed(run.seed, epoch)
     torch.manual_seed(seed)
+    run.objective = epoch_objective(run.base_objective, epoch)  # a schedule such as KL warm-up
+    if run.ddp is not None:
+        run.ddp.module.objective = run.objective  # type: ignore[union-attr]
     run.vae.train()
     n = run.batches.n
     total = torch.zeros((), device=run.dev, dtype=next(run.vae.parameters()).dtype)
@@ -332,15 +344,20 @@ def _run_epoch(run: _Run, history: History, epoch: int, callbacks: CallbackList,
     return callbacks.on_epoch_end(epoch, _logs(run, history))
 
 
-def _open_checkpoint(run: _Run, history: History, resume: bool) -> tuple[History, contextlib.ExitStack]:
-    """Lock the checkpoint for the run, and read it when resuming; the lock is returned to be released."""
+def _open_checkpoint(run: _Run, history: History, if_exists: str) -> tuple[History, contextlib.ExitStack]:
+    """Lock the checkpoint for the run, and read it when resuming; the lock is returned to be released.
+
+    Whether the file may be replaced is decided again under the lock: another run may have
+    finished into it while this one was preparing.
+    """
     lock = contextlib.ExitStack()
     path = run.path
     try:
         if path is not None:
             if run.rank == 0:  # rank 0 writes the file; every rank reads it
                 lock.enter_context(exclusive(path.with_name(f".{path.name}.lock"), f"the checkpoint {path}"))
-            if resume and path.exists():
+                _check_checkpoint_path(path, if_exists)
+            if if_exists == "resume" and path.exists():
                 history = read_training_checkpoint(
                     path, run.vae, run.opt, run.settings, epochs=run.epochs, scheduler=run.scheduler
                 )
@@ -372,32 +389,132 @@ def _prepare_valid(
     return valid
 
 
-def _all_callbacks(
-    callbacks: Sequence[Callback | Callable[[History], object]] | None,
-    callback: Callable[[History], object] | None,
-    patience: int | None,
-    restore_best: bool,
+# Keywords of earlier versions, and what replaces each: a call with one fails with directions.
+_REMOVED = {
+    "k": "objective=vaelib.IWAE(k={v}) (or vaelib.ELBO(k={v})): the objective carries its k",
+    "analytic_kl": "objective=vaelib.ELBO(analytic_kl={v})",
+    "estimator": "objective=vaelib.IWAE(k=5, estimator={v})",
+    "beta": "objective=vaelib.BetaELBO(beta={v})",
+    "kl_warmup_epochs": "objective=vaelib.BetaELBO(warmup_epochs={v})",
+    "kl_schedule": "objective=vaelib.BetaELBO(schedule=...)",
+    "free_bits": "objective=vaelib.BetaELBO(free_bits={v})",
+    "valid_k": "valid_objective=vaelib.IWAE(k={v})",
+    "callback": "callbacks=[f]",
+    "patience": "callbacks=[vaelib.EarlyStopping(patience={v})]",
+    "restore_best": "callbacks=[vaelib.EarlyStopping(patience=math.inf, restore_best_weights=True)]",
+    "loader_workers": "train_x=torch.utils.data.DataLoader(data, num_workers={v})",
+    "resume": "if_exists='resume'",
+    "overwrite": "if_exists='overwrite'",
+    "matmul_precision": "with vaelib.training_precision({v}): fit(...)",
+}
+
+
+def _directions(fn: Callable[..., History]) -> Callable[..., History]:
+    """``fit`` that answers a keyword of an earlier version with a ``TypeError`` naming its replacement."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> History:
+        removed = [key for key in kwargs if key in _REMOVED]
+        if removed:
+            told = (
+                f"{key}= is no longer a keyword; use {_REMOVED[key].format(v=repr(kwargs[key]))}" for key in removed
+            )
+            raise TypeError("fit: " + "; ".join(told))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _checked_callbacks(
+    callbacks: Sequence[Callback | Callable[[History], object]] | None, has_valid: bool
 ) -> list[Callback | Callable[[History], object]]:
-    out: list[Callback | Callable[[History], object]] = []
-    if patience is not None or restore_best:
-        # first, so that it sees each epoch's weights before any other callback can change them
-        out.append(
-            EarlyStopping(patience=math.inf if patience is None else patience, restore_best_weights=restore_best)
-        )
-    out += list(callbacks or [])
-    if callback is not None:
-        out.append(callback)
+    out = list(callbacks or [])
+    for cb in out:
+        if not (isinstance(cb, Callback) or callable(cb)):
+            raise TypeError(f"callbacks: expected Callbacks or functions of the history, got {type(cb).__name__}")
+        if isinstance(cb, EarlyStopping) and cb.monitor == "valid_bound" and not has_valid:
+            raise ValueError("valid_x: EarlyStopping watches the validation bound; give valid_x")
     return out
 
 
+def _prepare(vae: VAE, train_x: Any, o: dict[str, Any]) -> _Run:
+    """Check ``fit``'s arguments (as the dictionary ``o``), place model and data, build the optimizer."""
+    if not isinstance(vae, VAE):
+        raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
+    if not any(p.requires_grad for p in vae.parameters()):
+        raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
+    objective = resolve(o["objective"])
+    valid_objective = validation_objective(objective)
+    if o["valid_objective"] is not None:
+        valid_objective = resolve(o["valid_objective"], "valid_objective")
+    epochs = check_nonnegative_int(o["epochs"], "epochs")
+    batch_size = check_positive_int(o["batch_size"], "batch_size")
+    lr = None if o["lr"] is None else check_positive_float(o["lr"], "lr")
+    if lr is not None and o["optimizer"] is not None:
+        raise ValueError("lr: set the learning rate inside the optimizer factory, not both")
+    grad_clip = None if o["grad_clip"] is None else check_positive_float(o["grad_clip"], "grad_clip")
+    seed = check_seed(o["seed"], "seed")
+    check_choice(o["if_exists"], "if_exists", IF_EXISTS)
+    bernoulli = vae.likelihood == "bernoulli"
+    binarize = bernoulli if o["binarize"] is None else check_bool(o["binarize"], "binarize")
+    if binarize and not bernoulli:
+        raise ValueError("binarize: dynamic binarization applies to a Bernoulli likelihood only")
+    valid_every = check_positive_int(o["valid_every"], "valid_every")
+    valid_x = o["valid_x"]
+    if isinstance(valid_x, Tensor) and valid_x.requires_grad:
+        raise ValueError("valid_x: expected data that do not require grad; pass valid_x.detach()")
+    if valid_x is not None:
+        valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
+    path = Path(o["checkpoint"]) if o["checkpoint"] is not None else None
+    _check_checkpoint_path(path, o["if_exists"])
+    dev = init_from_env(resolve_device(o["device"]))  # under torchrun: join the process group; cuda:LOCAL_RANK
+    dtype = next(vae.parameters()).dtype
+    source = batch_source(
+        train_x, device=dev, dtype=dtype, event_shape=vae.x_shape, likelihood=vae.likelihood, stream=o["stream"]
+    )
+    rank, world_size = rank_and_world_size()
+    if batch_size % world_size:
+        raise ValueError(f"batch_size: the global batch of {batch_size} rows does not split among {world_size} ranks")
+    vae.to(dev)
+    opt = _make_optimizer(vae, lr, o["optimizer"], dev)
+    extra = {
+        "optimizer": qualified_name(o["optimizer"]) if o["optimizer"] is not None else None,
+        "scheduler": qualified_name(o["scheduler"]) if o["scheduler"] is not None else None,
+        "grad_clip": grad_clip,
+        "binarize": binarize if binarize != bernoulli else None,
+    }
+    default_lr = DEFAULT_LR if o["optimizer"] is None and lr is None else lr
+    return _Run(
+        vae=vae,
+        batches=source,
+        valid=None if valid_x is None else _prepare_valid(vae, valid_x, dev, dtype, binarize, seed),
+        objective=objective,
+        base_objective=objective,
+        valid_objective=valid_objective,
+        opt=opt,
+        scheduler=_make_scheduler(opt, o["scheduler"]),
+        batch_size=batch_size,
+        binarize=binarize,
+        grad_clip=grad_clip,
+        matmul_precision=fit_precision(),
+        seed=seed,
+        dev=dev,
+        valid_every=valid_every,
+        epochs=epochs,
+        path=path,
+        settings=run_settings(objective, batch_size, default_lr, seed, **extra),
+        label=label(objective),
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+@_directions
 def fit(
     vae: VAE,
     train_x: Tensor | np.ndarray | Dataset[Any] | DataLoader[Any],
     *,
-    objective: ObjectiveName | Objective = "elbo",
-    k: int | None = None,
-    analytic_kl: bool = False,
-    estimator: IWAEEstimator = "reparam",
+    objective: Literal["elbo", "iwae"] | Objective = "elbo",
     epochs: int = 10,
     batch_size: int = 100,
     lr: float | None = None,
@@ -406,32 +523,20 @@ def fit(
     grad_clip: float | None = None,
     binarize: bool | None = None,
     valid_x: Tensor | np.ndarray | None = None,
+    valid_objective: Objective | None = None,
     valid_every: int = 1,
-    valid_k: int | None = None,
-    restore_best: bool = False,
-    patience: int | None = None,
     callbacks: Sequence[Callback | Callable[[History], object]] | None = None,
-    device: str | torch.device = "auto",
     seed: int = 0,
     checkpoint: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    matmul_precision: MatmulPrecision = "medium",
+    if_exists: IfExists = "error",
+    device: str | torch.device = "auto",
     progress: bool | None = None,
-    callback: Callable[[History], object] | None = None,
     stream: bool | None = None,
-    loader_workers: int | None = None,
-    beta: float = 1.0,
-    kl_warmup_epochs: int = 0,
-    kl_schedule: Callable[[int], float] | None = None,
-    free_bits: float = 0.0,
 ) -> History:
-    """Train ``vae`` by stochastic gradient ascent on the ELBO, the IWAE bound or a bound of your own.
+    """Train ``vae`` by stochastic gradient ascent on a bound: the ELBO, the IWAE bound or one of your own.
 
-    Each step minimizes :math:`-\\frac{1}{B}\\sum_{b} \\mathcal{L}(x_b)` over a batch
-    of ``batch_size`` rows, where :math:`\\mathcal{L}` is
-    :meth:`~vaelib.models.VAE.elbo` (``objective="elbo"``), :meth:`~vaelib.models.VAE.iwae`
-    (``"iwae"``) or ``objective(vae, x_b)``.
+    Each step minimizes :math:`-\\frac{1}{B}\\sum_{b} \\mathcal{L}(x_b)` over a batch of
+    ``batch_size`` rows, where :math:`\\mathcal{L}(x_b)` is ``objective(vae, x_b)``.
 
     Parameters
     ----------
@@ -440,21 +545,11 @@ def fit(
     train_x : Tensor, ndarray, torch.utils.data.Dataset or torch.utils.data.DataLoader
         Training data of shape ``(n, *x_shape)``, in [0, 1] for a Bernoulli likelihood. A
         map-style data set's items are rows (or pairs whose first element is the row); of a
-        DataLoader only its data set is used.
-    objective : {"elbo", "iwae"} or callable
-        A callable follows the :class:`~vaelib.objectives.Objective` protocol: ``objective(vae, x)``
-        returns a differentiable bound per data point, shape ``(batch,)``.
-    k : int, optional
-        Importance samples per data point: 1 for the ELBO and 5 for the IWAE
-        bound by default (``"iwae"`` with ``k=1`` is the ELBO, and warns).
-        Not used with a callable objective.
-    analytic_kl : bool
-        For the ELBO, use the closed-form KL to the prior (refused with ``objective="iwae"``).
-    estimator : {"reparam", "stl", "dreg"}
-        The gradient estimator of the IWAE bound (see :func:`vaelib.iwae_gradients.iwae_surrogate`):
-        the reparameterization gradient, sticking the landing (Roeder et al. 2017; biased for the
-        encoder when ``k > 1``) or doubly reparameterized gradients (Tucker et al. 2018). The value
-        trained on is the bound in every case; only the encoder's gradient differs.
+        DataLoader only its data set and its ``num_workers`` (for streamed batches) are used.
+    objective : {"elbo", "iwae"}, an objective value or a function
+        What to maximize: :class:`vaelib.ELBO`, :class:`vaelib.IWAE`, :class:`vaelib.BetaELBO`,
+        :class:`vaelib.Renyi` (see :mod:`vaelib.objectives`), or a function ``(vae, x) -> (batch,)``.
+        ``"elbo"`` is ``vaelib.ELBO()`` and ``"iwae"`` is ``vaelib.IWAE()`` (k = 5).
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
@@ -477,21 +572,16 @@ def fit(
         ``False`` trains on the values as they are (a cross-entropy for grey ones).
     valid_x : Tensor or ndarray, optional
         Held-out data (binarized once, from ``seed``, when ``binarize`` is on).
+    valid_objective : objective, optional
+        The bound ``valid_x`` is scored with: by default the objective's own
+        (``for_validation()``: the ELBO for a :class:`~vaelib.objectives.BetaELBO`).
     valid_every : int
         Score ``valid_x`` every this many epochs, and after the last epoch.
-    valid_k : int, optional
-        Score ``valid_x`` with the IWAE bound at this k (``valid_k=1`` is the
-        ELBO); by default with the training objective.
-    restore_best : bool
-        At the end, load the weights of the epoch with the best validation bound.
-    patience : int, optional
-        Stop after this many validations without a better bound. ``patience``
-        and ``restore_best`` add a :class:`~vaelib.callbacks.EarlyStopping`.
     callbacks : list, optional
         :class:`~vaelib.callbacks.Callback` objects or plain functions ``f(history)``;
-        any of them returning ``True`` after an epoch stops training cleanly.
-    device : str or torch.device
-        ``"auto"`` picks CUDA, then MPS, then the CPU.
+        any of them returning ``True`` after an epoch stops training cleanly. Early
+        stopping and keeping the best weights: ``vaelib.EarlyStopping(patience=3,
+        restore_best_weights=True)``.
     seed : int
         Seeds every random choice (an integer in [0, 2**64 - 1]); a CPU run repeats exactly.
     checkpoint : path-like, optional
@@ -499,48 +589,21 @@ def fit(
         and at once if ``epochs`` is 0: a process killed at any moment leaves the previous
         epoch's file intact. The file is locked for the run (a second process training into
         it is refused with the first one's pid; a lock left by a dead process is taken over).
-    resume : bool
-        Continue from ``checkpoint`` if it exists (from scratch if it does not);
-        the run then ends with the same weights as an uninterrupted one. Callbacks
-        start afresh.
-    overwrite : bool
-        Start afresh and replace an existing ``checkpoint``; without it (or
-        ``resume``), an existing file is refused rather than silently replaced.
-    matmul_precision : {"medium", "high", "highest"}
-        Internal precision of the float32 matrix products in the training steps
-        (see :func:`~vaelib.devices.float32_matmul_precision`): ``"medium"`` uses TF32 on a GPU and
-        bfloat16 products on a CPU that has fast ones; ``"highest"`` is float32
-        throughout. The validation bound and everything outside ``fit`` keep
-        the caller's setting.
+    if_exists : {"error", "resume", "overwrite"}
+        What to do with an existing ``checkpoint``, decided under its lock: refuse it
+        (``"error"``), continue from it (``"resume"``: the run then ends with the same weights
+        as an uninterrupted one; it starts afresh if there is no file; callbacks start afresh),
+        or start afresh and replace it (``"overwrite"``).
+    device : str or torch.device
+        ``"auto"`` picks CUDA, then MPS, then the CPU.
     progress : bool, optional
         Show a progress bar; by default only in a terminal or a live notebook.
         Without a bar each epoch is logged in one line to the ``vaelib.train``
         logger at level INFO.
-    callback : callable, optional
-        A function ``f(history)`` called after each epoch; the same as ``callbacks=[f]``.
     stream : bool, optional
         Stream batches from the host (``True``) or hold the data on the device (``False``);
         by default resident when the data fit half of the device's free memory
         (:mod:`vaelib.batches`). Both read the same batches: a CPU run ends with the same weights.
-    loader_workers : int, optional
-        Worker processes that gather streamed batches (by default
-        :func:`~vaelib.batches.default_workers`: half the CPU cores, one fewer when training on the CPU).
-    beta : float
-        Weight of the KL term: train on :math:`-(D + \\beta R)` (see
-        :func:`vaelib.rate_distortion.beta_elbo`; the KL in closed form where torch has
-        one). With this, ``kl_warmup_epochs``, ``kl_schedule`` or ``free_bits`` the
-        training bound recorded is that objective; the validation bound stays the ELBO
-        (or the IWAE bound at ``valid_k``). ``objective="elbo"`` only.
-    kl_warmup_epochs : int
-        Raise the KL weight linearly from 0 in the first epoch to ``beta`` in epoch
-        ``kl_warmup_epochs + 1``, stepped once per epoch (:func:`vaelib.rate_distortion.kl_warmup`).
-    kl_schedule : callable, optional
-        A function ``epoch -> weight`` (epochs from 1) giving the KL weight of each
-        epoch, instead of ``beta`` and ``kl_warmup_epochs``.
-    free_bits : float
-        Free bits :math:`\\lambda` in nats per latent dimension (Kingma et al. 2016,
-        appendix C): a dimension whose KL, averaged over the batch, is below
-        :math:`\\lambda` costs :math:`\\lambda` and gets no gradient from the rate.
 
     Returns
     -------
@@ -557,147 +620,51 @@ def fit(
         epoch, the model is restored to the previous epoch and the last checkpoint
         (which only ever holds finite weights) is kept.
     vaelib.checkpoint.CheckpointError
-        With ``resume=True``, if the checkpoint is unreadable, was written with
-        other settings or for another architecture, or holds NaN or infinite
-        weights; nothing is changed.
+        With ``if_exists="resume"``, if the checkpoint is unreadable, was written with
+        another objective or other settings (both are named) or for another architecture,
+        or holds NaN or infinite weights; nothing is changed.
     vaelib.checkpoint.WriteError
         If a checkpoint cannot be written (a full disk); the previous one is intact.
     vaelib.checkpoint.RunLocked
         If another live process is training into ``checkpoint``; its pid is in the message.
+    TypeError
+        For a keyword of an earlier version (``k``, ``beta``, ``resume``, ...): the message
+        names what replaces it, e.g. ``objective=vaelib.IWAE(k=5)``.
     ValueError
-        Also if ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is given, or
-        if the checkpoint already holds more than ``epochs`` epochs.
+        Also if ``checkpoint`` exists and ``if_exists`` is ``"error"``, or if the checkpoint
+        already holds more than ``epochs`` epochs.
+
+    Notes
+    -----
+    The training steps multiply float32 matrices at the precision of
+    :func:`vaelib.training_precision` (``"medium"`` unless set).
 
     References
     ----------
     Kingma and Ba (2015), "Adam"; Kingma and Welling (2013), algorithm 1.
     """
-    if not isinstance(vae, VAE):
-        raise TypeError(f"vae: expected a vaelib.VAE, got {type(vae).__name__}")
-    if not any(p.requires_grad for p in vae.parameters()):
-        raise ValueError("vae: the model has no trainable parameters (its encoder and decoder hold none)")
-    train_objective, name, k = resolve_objective(objective, k, analytic_kl, estimator)
-    check_choice(matmul_precision, "matmul_precision", MATMUL_PRECISIONS)
-    epochs = check_nonnegative_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    if lr is not None:
-        lr = check_positive_float(lr, "lr")
-        if optimizer is not None:
-            raise ValueError("lr: set the learning rate inside the optimizer factory, not both")
-    if grad_clip is not None:
-        grad_clip = check_positive_float(grad_clip, "grad_clip")
-    seed = check_seed(seed, "seed")
-    check_bool(resume, "resume")
-    check_bool(overwrite, "overwrite")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a function of the history, got {type(callback).__name__}")
-    bernoulli = vae.likelihood == "bernoulli"
-    if binarize is None:
-        binarize = bernoulli
-    elif binarize and not bernoulli:
-        raise ValueError("binarize: dynamic binarization applies to a Bernoulli likelihood only")
-    valid_every = check_positive_int(valid_every, "valid_every")
-    valid_objective = train_objective if valid_k is None else iwae_at(check_positive_int(valid_k, "valid_k"))
-    weighted = fit_objective(
-        objective,
-        k,
-        analytic_kl,
-        estimator,
-        beta=beta,
-        kl_warmup_epochs=kl_warmup_epochs,
-        kl_schedule=kl_schedule,
-        free_bits=free_bits,
-    )
-    weighted_settings: dict[str, object] = {}
-    if weighted is not None:  # the ELBO with a weighted KL; validation keeps the ELBO
-        train_objective, kl_callback, weighted_settings = weighted
-        callbacks = [*(callbacks or []), *([kl_callback] if kl_callback is not None else [])]
-    if patience is not None:
-        patience = check_nonnegative_int(patience, "patience")
-    dev = resolve_device(device)
-    if isinstance(valid_x, Tensor) and valid_x.requires_grad:
-        raise ValueError("valid_x: expected data that do not require grad; pass valid_x.detach()")
-    if valid_x is not None:
-        valid_x = check_data(valid_x, "valid_x", event_shape=vae.x_shape, likelihood=vae.likelihood)
-    elif restore_best or patience is not None:
-        raise ValueError("valid_x: restore_best and patience watch the validation bound; give valid_x")
-    path = Path(checkpoint) if checkpoint is not None else None
-    _check_checkpoint_path(path, resume, overwrite)
-    dev = init_from_env(dev)  # under torchrun: join the process group; cuda:LOCAL_RANK
-    dtype = next(vae.parameters()).dtype
-    source = batch_source(
-        train_x,
-        device=dev,
-        dtype=dtype,
-        event_shape=vae.x_shape,
-        likelihood=vae.likelihood,
-        stream=stream,
-        workers=loader_workers,
-    )
-    rank, world_size = rank_and_world_size()
-    if batch_size % world_size:
-        raise ValueError(f"batch_size: the global batch of {batch_size} rows does not split among {world_size} ranks")
-
-    vae.to(dev)
-    opt = _make_optimizer(vae, lr, optimizer, dev)
-    sched = _make_scheduler(opt, scheduler)
-    extra = {
-        "optimizer": qualified_name(optimizer) if optimizer is not None else None,
-        "scheduler": qualified_name(scheduler) if scheduler is not None else None,
-        "grad_clip": grad_clip,
-        "binarize": binarize if binarize != bernoulli else None,
-        "estimator": estimator if estimator != "reparam" else None,
-        **weighted_settings,
-    }
-    run = _Run(
-        vae=vae,
-        batches=source,
-        valid=None if valid_x is None else _prepare_valid(vae, valid_x, dev, dtype, binarize, seed),
-        objective=train_objective,
-        valid_objective=valid_objective,
-        opt=opt,
-        scheduler=sched,
-        batch_size=batch_size,
-        binarize=binarize,
-        grad_clip=grad_clip,
-        matmul_precision=matmul_precision,
-        seed=seed,
-        dev=dev,
-        valid_every=valid_every,
-        epochs=epochs,
-        path=path,
-        settings=_settings(
-            name, k, analytic_kl, batch_size, DEFAULT_LR if optimizer is None and lr is None else lr, seed, **extra
-        ),
-        label=name,
-        rank=rank,
-        world_size=world_size,
-    )
-    history, lock = _open_checkpoint(run, History(objective=name, k=k), resume)
-    if world_size > 1:  # after the checkpoint is read: rank 0's weights go to every rank
-        run.ddp = wrap(vae, train_objective, dev)
-    cbs = CallbackList(
-        _all_callbacks(callbacks, callback, patience, restore_best), TrainState(vae, opt, history, sched)
-    )
-    bar = progress_bar(
-        progress_enabled(progress) and rank == 0,
-        total=epochs,
-        initial=len(history),
-        desc=f"fit {name} k={k}",
-        unit="epoch",
-    )
+    options = dict(locals())
+    run = _prepare(vae, train_x, options)
+    cbs = _checked_callbacks(callbacks, run.valid is not None)
+    k = samples_per_point(run.base_objective)
+    history, lock = _open_checkpoint(run, History(objective=run.label, k=k), if_exists)
+    if run.world_size > 1:  # after the checkpoint is read: rank 0's weights go to every rank
+        run.ddp = wrap(vae, run.objective, run.dev)
+    callback_list = CallbackList(cbs, TrainState(vae, run.opt, history, run.scheduler))
+    show = progress_enabled(progress) and run.rank == 0
+    bar = progress_bar(show, total=run.epochs, initial=len(history), desc=f"fit {run.label} k={k}", unit="epoch")
     try:
         # On a CPU, each step runs on one thread or on torch's count, whichever is faster
         # now (vaelib.threads); the caller's count is restored on the way out.
         with (
-            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
-            StepThreads(dev, matmul_work(vae, batch_size * k)) as run.threads,
+            torch.random.fork_rng(devices=[run.dev] if run.dev.type == "cuda" else []),
+            StepThreads(run.dev, matmul_work(vae, run.batch_size * k)) as run.threads,
         ):
-            cbs.on_train_begin({"epoch": len(history)})
-            for epoch in range(len(history) + 1, epochs + 1):
+            callback_list.on_train_begin({"epoch": len(history)})
+            for epoch in range(len(history) + 1, run.epochs + 1):
                 try:
-                    if _run_epoch(run, history, epoch, cbs, bar):
-                        history.stopped = cbs.stopped_by
+                    if _run_epoch(run, history, epoch, callback_list, bar):
+                        history.stopped = callback_list.stopped_by
                         break
                 except KeyboardInterrupt:
                     _interrupted(run, history, epoch)
@@ -705,8 +672,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-        cbs.on_train_end({"epoch": len(history)})
+        callback_list.on_train_end({"epoch": len(history)})
         vae.eval()
         lock.close()
-        source.close()
+        run.batches.close()
     return history
