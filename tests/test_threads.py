@@ -149,7 +149,7 @@ def test_gradient_samples_restore_the_count(policy, toy, toy_data):
         return Independent(Normal(loc, torch.ones_like(loc)), 1)
 
     for batched in (False, True):
-        gradient_samples(toy_data, [loc], make_q, toy, estimator="reparameterization", n=5, batched=batched)
+        gradient_samples(toy_data, [loc], make_q, toy, estimator="reparam", n=5, batched=batched)
         assert torch.get_num_threads() == DEFAULT
     assert set(seen) == {1}
 

@@ -3,7 +3,7 @@
 Each returns a per-data-point surrogate whose *value* is a Monte Carlo
 estimate of the ELBO and whose *gradient* (by ``backward``) is the estimator:
 
-``"reparameterization"``
+``"reparam"``
     :math:`z = \\mu + \\sigma \\odot \\epsilon`, differentiate through the sample
     (Kingma and Welling 2013, section 2.4; Rezende et al. 2014).
 ``"score"``
@@ -43,8 +43,8 @@ __all__ = [
     "kl",
 ]
 
-ESTIMATORS = ("reparameterization", "score", "analytic_kl")
-Estimator = Literal["reparameterization", "score", "analytic_kl"]
+ESTIMATORS = ("reparam", "score", "analytic_kl")
+Estimator = Literal["reparam", "score", "analytic_kl"]
 
 
 class LatentModel(Protocol):
@@ -89,7 +89,7 @@ def elbo_surrogate(
     model: LatentModel,
     k: int = 1,
     *,
-    estimator: Estimator = "reparameterization",
+    estimator: Estimator = "reparam",
 ) -> Tensor:
     """A surrogate of the ELBO whose gradient is the chosen estimator.
 
@@ -104,7 +104,7 @@ def elbo_surrogate(
         a ``VAE`` or any model of the same shape.
     k : int
         Samples per data point.
-    estimator : {"reparameterization", "score", "analytic_kl"}
+    estimator : {"reparam", "score", "analytic_kl"}
 
     Returns
     -------
@@ -113,7 +113,7 @@ def elbo_surrogate(
     """
     check_positive_int(k, "k")
     check_choice(estimator, "estimator", ESTIMATORS)
-    if estimator == "reparameterization":
+    if estimator == "reparam":
         z = q.rsample((k,))  # (k, batch, z_dim)
         return (model.log_joint(x, z) - q.log_prob(z)).mean(dim=0)
     if estimator == "analytic_kl":
@@ -148,7 +148,7 @@ def gradient_samples(
     make_q : callable
         ``make_q(*q_params)`` builds the distribution ``q``.
     model : LinearGaussian or VAE
-    estimator : {"reparameterization", "score", "analytic_kl"} or callable
+    estimator : {"reparam", "score", "analytic_kl"} or callable
         An ELBO estimator's name, or any surrogate ``estimator(x, q, model, k)`` of shape
         ``(batch,)``, such as :func:`vaelib.iwae_gradients.iwae_surrogate` with its own estimator.
     n : int
