@@ -92,8 +92,9 @@ class Spec:
         return f"{self.objective}-k{self.k}"
 
     @property
-    def fit_objective(self) -> str:
-        return "elbo" if self.objective == "vae" else "iwae"
+    def fit_objective(self) -> vaelib.ELBO | vaelib.IWAE:
+        """The objective value the row trains on: the ELBO with k samples (VAE) or the IWAE bound."""
+        return vaelib.ELBO(k=self.k) if self.objective == "vae" else vaelib.IWAE(k=self.k)
 
 
 def spec(name: str) -> Spec:
@@ -194,16 +195,15 @@ def train_model(s: Spec, train_x: torch.Tensor, settings: Settings, *, progress:
                 vae,
                 train_x,
                 objective=s.fit_objective,
-                k=s.k,
                 epochs=passes,
                 batch_size=BATCH_SIZE,
                 lr=lr,
                 device=settings.device,
                 seed=settings.seed + 1000 * s.index + 1 + stage,
                 checkpoint=path,
-                resume=True,
+                if_exists="resume",
                 progress=progress,
-                callback=out_of_time,
+                callbacks=[out_of_time],
             )
         except _OutOfTime:
             return False

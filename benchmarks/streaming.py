@@ -5,7 +5,7 @@ seed, batch size and optimizer; only where the batches come from differs:
 
 * **resident**: ``fit(vae, x, stream=False)``, the data on the device and each
   batch sliced from it (what ``fit`` does by default when the data fit);
-* **streamed**: ``fit(vae, data, stream=True, loader_workers=W)``, each batch
+* **streamed**: ``fit(vae, DataLoader(data, num_workers=W), stream=True)``, each batch
   gathered on the host by a DataLoader (worker processes, pinned memory on a
   GPU, a non-blocking copy, one batch ahead), as for data that do not fit the
   device. ``data`` is a map-style data set read one image at a time, as a
@@ -33,7 +33,7 @@ import statistics
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import vaelib
 from benchmarks import _record
@@ -67,6 +67,8 @@ def train(
     """Seconds of each epoch after the first, and the trained weights (on the CPU)."""
     torch.manual_seed(0)
     vae = vaelib.VAE.mlp(x_dim, Z_DIM, hidden=HIDDEN, activation="relu")
+    if stream:  # fit takes the worker count of a DataLoader it is given
+        data = DataLoader(data, num_workers=workers)
     history = vaelib.fit(
         vae,
         data,
@@ -77,7 +79,6 @@ def train(
         seed=0,
         progress=False,
         stream=stream,
-        loader_workers=workers,
     )
     return history.seconds[1:], {k: v.detach().cpu() for k, v in vae.state_dict().items()}
 

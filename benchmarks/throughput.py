@@ -95,18 +95,18 @@ def train_vaelib(
     stamps: list[float] = []
     _record.synchronize(device)
     start = time.perf_counter()
-    history = vaelib.fit(
-        vae,
-        x,
-        epochs=epochs,
-        batch_size=BATCH_SIZE,
-        lr=LR,
-        device=device,
-        seed=seed,
-        matmul_precision=matmul_precision,
-        progress=False,
-        callback=lambda h: stamps.append(time.perf_counter()),
-    )
+    with vaelib.training_precision(matmul_precision):
+        history = vaelib.fit(
+            vae,
+            x,
+            epochs=epochs,
+            batch_size=BATCH_SIZE,
+            lr=LR,
+            device=device,
+            seed=seed,
+            progress=False,
+            callbacks=[lambda h: stamps.append(time.perf_counter())],
+        )
     seconds = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     return {"seconds": seconds, "train_bound": list(history.train_bound)}
 
