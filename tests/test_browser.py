@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import threading
 import urllib.request
@@ -278,11 +279,35 @@ def test_every_figure_cell_holds_its_image(chapter):
     assert len(run_cells) == len(source_cells), "the executed notebook is not the one in book/: rebuild"
     counts = [_figures.image_outputs(c) for c in run_cells]
     wanted = [int(_figures.is_figure_cell(c)) for c in source_cells]
-    missing = [i for i, (n, w) in enumerate(zip(counts, wanted)) if n != w]
+    missing = [i for i, (n, w) in enumerate(zip(counts, wanted, strict=True)) if n != w]
     assert missing == [], (
         f"code cells {missing} hold {[counts[i] for i in missing]} images where {[wanted[i] for i in missing]} "
         f"were expected ({sum(counts)} images in all, {sum(wanted)} figure cells in the source)"
     )
+
+
+# Default reprs (<torch._C.Generator at 0x...>, <Figure size ...>, [<matplotlib.lines.Line2D ...>]):
+# what a cell shows when it ends on a call whose value nobody meant to print.
+_OBJECT_REPR = re.compile(r"<[A-Za-z_][\w.]*(?: object)? at 0x[0-9a-fA-F]+>|<Figure size [^>]*>|^Text\(|^\[<matplotlib")
+
+
+@pytest.mark.parametrize("chapter", sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_no_executed_output_holds_an_object_repr(chapter):
+    """No cell of the executed chapter prints an object's default repr under the prose."""
+    assert _OBJECT_REPR.search("<torch._C.Generator at 0x7f85f23acdd0>")  # the pattern catches the known case
+    executed = _executed(chapter)
+    if not executed.is_file():
+        pytest.fail(f"{executed.relative_to(ROOT)} is missing: run `make site` first")
+    shown = []
+    for i, cell in enumerate(_figures.code_cells(executed)):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if any(t in data for t in _figures.IMAGE_TYPES):
+                continue  # a figure's text/plain stand-in is not shown
+            text = "".join(data.get("text/plain", "")) if data else "".join(out.get("text", ""))
+            if _OBJECT_REPR.search(text):
+                shown.append(f"code cell {i}: {text[:60]!r}")
+    assert shown == [], f"outputs that show an object repr (end the line with ';' or assign it): {shown}"
 
 
 def test_search_finds_a_chapter_word(browser, site_url):
