@@ -29,7 +29,7 @@ def test_the_figure_helpers_tell_figure_cells_apart():
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
 def test_every_figure_is_shown_once(chapter):
-    """A cell that creates a figure shows it with one ``plt.show()``: the count of figure cells is the count of figures."""
+    """A cell that creates a figure shows it with one ``plt.show()``: figure cells and figures are as many."""
     cells = _figures.code_cells(chapter)
     unshown = [i for i, c in enumerate(cells) if _figures.draws_a_figure(c) and not _figures.is_figure_cell(c)]
     assert unshown == [], f"code cells {unshown} create a figure but do not call plt.show()"
