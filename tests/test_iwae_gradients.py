@@ -129,12 +129,13 @@ def test_stl_and_dreg_zero_at_the_exact_posterior(toy, toy_data):
 
 
 def test_gradient_statistics():
-    """Mean, unbiased variance and SNR = |mean| / std, per parameter, from draws with known moments."""
+    """Mean, unbiased variance and the bias-corrected SNR sqrt(mean^2 - var / n) / std, per parameter."""
     g = torch.tensor([[1.0, -2.0], [3.0, -2.0], [2.0, -5.0]], dtype=torch.float64)
     stats = gradient_statistics(g)
     assert torch.allclose(stats.mean, torch.tensor([2.0, -3.0], dtype=torch.float64))
     assert torch.allclose(stats.variance, torch.tensor([1.0, 3.0], dtype=torch.float64))
-    assert torch.allclose(stats.snr, torch.tensor([2.0, 3.0 / 3.0**0.5], dtype=torch.float64))
+    expected = torch.tensor([(4.0 - 1.0 / 3) ** 0.5, ((9.0 - 1.0) / 3.0) ** 0.5], dtype=torch.float64)
+    assert torch.allclose(stats.snr, expected)
     assert stats.n == 3
     with pytest.raises(ValueError, match="grads"):
         gradient_statistics(g[:1])

@@ -41,6 +41,8 @@ __all__ = [
     "gradient_samples",
     "gradient_statistics",
     "kl",
+    "signal_to_noise",
+    "signal_to_noise_from_gram",
 ]
 
 ESTIMATORS = ("reparam", "score", "analytic_kl")
@@ -207,13 +209,78 @@ class GradientStatistics:
     n: int
 
 
+def _snr(r: Tensor, mean_sq: Tensor, sum_sq: Tensor) -> Tensor:
+    """The one definition: SNR from ``r`` draws, the squared norm of their mean and the sum of squared norms."""
+    noise = (sum_sq - r * mean_sq) / (r - 1)  # the unbiased total variance
+    signal = (mean_sq - noise / r).clamp(min=0)  # E||mean||^2 = ||E g||^2 + tr(Cov) / r
+    return (signal / noise).sqrt()
+
+
+def signal_to_noise(grads: Tensor, counts: Tensor | None = None) -> Tensor:
+    """The signal-to-noise ratio of a gradient estimator over a block of parameters, bias-corrected.
+
+    .. math::
+
+        \\mathrm{SNR} = \\frac{\\lVert \\mathbb{E}[g] \\rVert}{\\sqrt{\\mathbb{E}\\lVert g - \\mathbb{E}[g] \\rVert^2}},
+        \\qquad \\widehat{\\lVert \\mathbb{E} g \\rVert^2} = \\lVert \\bar g \\rVert^2 - \\frac{\\hat\\sigma^2}{r},
+
+    from ``r`` draws (the rows of ``grads``), where :math:`\\hat\\sigma^2` is the unbiased total
+    variance; the correction removes the noise that :math:`\\lVert \\bar g \\rVert^2` holds. For one
+    parameter (a single column) it is :math:`|\\mathbb{E} g| / \\sqrt{\\operatorname{Var} g}`.
+
+    Parameters
+    ----------
+    grads : Tensor, shape (n, n_params)
+        One gradient estimate per row, ``n >= 2``.
+    counts : Tensor, shape (n,), optional
+        How many times each row counts (a bootstrap resample); all ones by default.
+
+    Returns
+    -------
+    Tensor, shape ()
+
+    References
+    ----------
+    Rainforth et al. (2018), "Tighter variational bounds are not necessarily better", eq. (6).
+    """
+    grads = _check_grads(grads)
+    c = torch.ones(grads.shape[0], dtype=grads.dtype) if counts is None else counts.to(grads.dtype)
+    r = c.sum()
+    mean = c @ grads / r  # (n_params,)
+    return _snr(r, mean.pow(2).sum(), c @ grads.pow(2).sum(dim=1))
+
+
+def signal_to_noise_from_gram(gram: Tensor, counts: Tensor | None = None) -> Tensor:
+    """:func:`signal_to_noise` from the Gram matrix :math:`G = g g^\\top` of the draws, shape (n, n).
+
+    The same ratio: :math:`\\lVert \\bar g \\rVert^2 = c^\\top G c / r^2` and
+    :math:`\\sum_i c_i \\lVert g_i \\rVert^2 = c^\\top \\operatorname{diag} G`, so a bootstrap over the
+    draws costs :math:`O(n^2)` per resample, whatever the number of parameters.
+    """
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
+        raise ValueError(f"gram: expected a square matrix of at least 2 draws, got {getattr(gram, 'shape', gram)}")
+    c = torch.ones(gram.shape[0], dtype=gram.dtype) if counts is None else counts.to(gram.dtype)
+    r = c.sum()
+    return _snr(r, c @ gram @ c / r**2, c @ gram.diagonal())
+
+
+def _check_grads(grads: Tensor) -> Tensor:
+    if not isinstance(grads, Tensor):
+        raise TypeError(f"grads: expected a torch.Tensor, got {type(grads).__name__}")
+    if grads.dim() != 2 or grads.shape[0] < 2:
+        raise ValueError(f"grads: expected shape (n, n_params) with n >= 2, got {tuple(grads.shape)}")
+    return grads
+
+
 def gradient_statistics(grads: Tensor) -> GradientStatistics:
     """Summarize ``n`` independent gradient estimates, the rows of :func:`gradient_samples`.
+
+    ``snr`` is :func:`signal_to_noise` of each parameter on its own,
 
     .. math::
 
         \\mathrm{SNR}_j = \\frac{|\\mathbb{E}[g_j]|}{\\sqrt{\\operatorname{Var}[g_j]}}
-        \\approx \\frac{|\\bar g_j|}{s_j}
+        \\approx \\frac{\\sqrt{\\max(0, \\bar g_j^2 - s_j^2 / n)}}{s_j}.
 
     Parameters
     ----------
@@ -229,10 +296,10 @@ def gradient_statistics(grads: Tensor) -> GradientStatistics:
     ----------
     Rainforth et al. (2018), "Tighter variational bounds are not necessarily better", eq. (6).
     """
-    if not isinstance(grads, Tensor):
-        raise TypeError(f"grads: expected a torch.Tensor, got {type(grads).__name__}")
-    if grads.dim() != 2 or grads.shape[0] < 2:
-        raise ValueError(f"grads: expected shape (n, n_params) with n >= 2, got {tuple(grads.shape)}")
+    grads = _check_grads(grads)
+    n = grads.shape[0]
     mean = grads.mean(dim=0)  # (n_params,)
     variance = grads.var(dim=0)  # (n_params,)
-    return GradientStatistics(mean=mean, variance=variance, snr=mean.abs() / variance.sqrt(), n=grads.shape[0])
+    r = torch.tensor(float(n), dtype=grads.dtype)
+    snr = _snr(r, mean.pow(2), grads.pow(2).sum(dim=0))  # per parameter: a block of one
+    return GradientStatistics(mean=mean, variance=variance, snr=snr, n=n)
