@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.checkpoint import read_checkpoint
 from vaelib.cli import build_parser, main
+from vaelib.training.checkpoint import read_checkpoint
 
 TINY = ["--hidden", "8", "--z-dim", "2", "--epochs", "2", "--test-k", "3"]
 

@@ -10,7 +10,8 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import vaelib
-from vaelib.evaluate import AmortizedModel, LogLikelihood, pareto_khat
+from vaelib.evaluate import LogLikelihood, pareto_khat
+from vaelib.protocols import AmortizedModel
 
 
 class PPCA:

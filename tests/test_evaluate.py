@@ -11,9 +11,9 @@ import vaelib
 def vae_from_toy(toy: vaelib.LinearGaussian, *, exact_encoder: bool = True) -> vaelib.VAE:
     """A VAE whose generative model is ``toy``; its encoder is the exact posterior or a poorer one."""
     if exact_encoder:
-        return vaelib.VAE.from_linear_gaussian(toy)
+        return vaelib.toy.linear_gaussian_vae(toy)
     # a shrunk mean and a three times wider scale: a proposal that still covers the posterior
-    return vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.5, scale_factor=3.0)
+    return vaelib.toy.linear_gaussian_vae(toy, mean_factor=0.5, scale_factor=3.0)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_scheduler_steps_once_per_epoch(digits):
     rates = []
     lrs = []
 
-    class LR(vaelib.callbacks.Callback):
+    class LR(vaelib.training.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
             lrs.append(logs["lr"])
             return False

@@ -26,10 +26,11 @@ import torch
 
 import vaelib
 from tests.test_data import leftovers, mnist_like
-from vaelib._lock import RunLocked, exclusive
-from vaelib.checkpoint import CheckpointError, WriteError, atomic_save, read_checkpoint, remove_stale_temporaries
+from vaelib._io.atomic import WriteError, remove_stale_temporaries
+from vaelib._io.lock import RunLocked, exclusive
 from vaelib.cli import main
 from vaelib.data import MNIST_FILES, IDXError, load_mnist, read_idx
+from vaelib.training.checkpoint import CheckpointError, atomic_save, read_checkpoint
 
 X_DIM = 64
 TINY = ["--hidden", "8", "--z-dim", "2", "--test-k", "2", "--batch-size", "500"]
@@ -74,10 +75,10 @@ def run_folder(tmp_path) -> Path:
 
 # -- 1. two runs, one folder ----------------------------------------------------------------
 
-# Holds the lock until told to stop; loads vaelib/_lock.py alone, so it starts without importing torch.
+# Holds the lock until told to stop; loads vaelib/_io/lock.py alone, so it starts without importing torch.
 HOLD_LOCK = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_lock", {vaelib._lock.__file__!r})
+spec = importlib.util.spec_from_file_location("_lock", {vaelib._io.lock.__file__!r})
 lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lock)
 with lock.exclusive(sys.argv[1], "test"):
@@ -186,7 +187,7 @@ def test_out_must_be_a_run_a_new_folder_or_an_empty_one(tmp_path, capsys):
 MEASURE = """
 import resource, sys
 import vaelib
-from vaelib.checkpoint import CheckpointError
+from vaelib.training.checkpoint import CheckpointError
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 for path in sys.argv[1:]:
@@ -287,7 +288,7 @@ class _FullDisk:
             broken.write = write
             return broken
 
-        monkeypatch.setattr(vaelib.checkpoint.os, "fdopen", fdopen)
+        monkeypatch.setattr(vaelib.training.checkpoint.os, "fdopen", fdopen)
 
 
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, digits):

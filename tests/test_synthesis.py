@@ -1,4 +1,4 @@
-"""vaelib.synthesis: the frames of the synthesis chapter's figure, and the figure itself."""
+"""vaelib.book.synthesis: the frames of the synthesis chapter's figure, and the figure itself."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vaelib
-from vaelib.synthesis import GapFrames, gap_frames, interactive, plot_frame, slider_html
+from vaelib.book.synthesis import GapFrames, gap_frames, interactive, plot_frame, slider_html
 
 matplotlib.use("Agg")
 
@@ -137,7 +137,7 @@ def test_jensen_gap_is_the_kl_to_the_posterior(setup):
     torch.manual_seed(4)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean + 0.3, 1.4 * posterior.stddev), 1)
-    gap, se = vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
+    gap, se = vaelib.book.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
     exact = toy.log_marginal(x) - toy.elbo(x, q)
     assert gap.shape == (1,) and se.shape == (1,)
     assert gap > 4 * se and abs(gap - exact) < 4 * se
@@ -149,8 +149,8 @@ def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
     torch.manual_seed(5)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean - 0.4, 1.2 * posterior.stddev), 1)
-    L1, se1 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
-    L20, se20 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
+    L1, se1 = vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
+    L20, se20 = vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
     assert abs(L1 - toy.elbo(x, q)[0]) < 4 * se1
     assert L20 - L1 > 4 * math.hypot(se1, se20)
     assert L20 < toy.log_marginal(x)[0] + 4 * se20
@@ -160,11 +160,11 @@ def test_monte_carlo_helpers_argument_errors(setup):
     toy, x, _ = setup
     q = toy.posterior(x)
     with pytest.raises(ValueError, match="n"):
-        vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
+        vaelib.book.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
     with pytest.raises(ValueError, match="draws"):
-        vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
+        vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
     with pytest.raises(ValueError, match="x"):
-        vaelib.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)
+        vaelib.book.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)
 
 
 def test_interactive_wires_two_sliders_to_plot_frame(setup, monkeypatch):

@@ -38,8 +38,8 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from vaelib._checks import check_choice, check_positive_int
 from vaelib.bounds import iwae_from_log_weights
-from vaelib.estimators import LatentModel
 from vaelib.models import VAE
+from vaelib.protocols import JointModel as LatentModel
 
 __all__ = ["IWAE_ESTIMATORS", "iwae_gradient_samples", "iwae_objective", "iwae_surrogate", "stop_gradient"]
 

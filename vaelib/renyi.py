@@ -22,8 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vaelib._checks import check_log_weights as _check_log_weights
 from vaelib._checks import check_positive_int
-from vaelib.bounds import _check_log_weights, log_weights
+from vaelib.bounds import log_weights
 from vaelib.models import VAE
 
 __all__ = ["renyi_from_log_weights", "renyi_objective"]

@@ -53,19 +53,20 @@ from vaelib._checks import (
     check_positive_int,
     check_seed,
 )
-from vaelib._lock import exclusive
-from vaelib._progress import progress_bar, progress_enabled
-from vaelib.batches import ResidentBatches, StreamedBatches, batch_source
-from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
-from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
+from vaelib._io.lock import exclusive
+from vaelib._runtime.devices import MatmulPrecision, float32_matmul_precision, resolve_device
+from vaelib._runtime.progress import progress_bar, progress_enabled
+from vaelib._runtime.thread_policy import matmul_work
+from vaelib._runtime.threads import StepThreads
 from vaelib.data import bernoulli_draw
-from vaelib.devices import MatmulPrecision, float32_matmul_precision, resolve_device
-from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
-from vaelib.history import History
 from vaelib.models import VAE
 from vaelib.objectives import IWAEEstimator, Objective, ObjectiveName, iwae_at, qualified_name, resolve_objective
 from vaelib.rate_distortion import fit_objective
-from vaelib.threads import StepThreads, matmul_work
+from vaelib.training.batches import ResidentBatches, StreamedBatches, batch_source
+from vaelib.training.callbacks import Callback, CallbackList, EarlyStopping, TrainState
+from vaelib.training.checkpoint import read_training_checkpoint, write_training_checkpoint
+from vaelib.training.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
+from vaelib.training.history import History
 
 __all__ = ["TrainingDiverged", "fit"]
 

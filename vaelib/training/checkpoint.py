@@ -6,7 +6,7 @@ where a good one was, and a failed write (a full disk) says that the previous
 file is intact. Before a file is loaded, the sizes of its archive's members,
 the shapes of its tensors and its recorded architecture are checked against
 one another and against limits, without reading a weight or building a
-model (see ``vaelib._archive``); then it is read with
+model (see ``vaelib._io.archive``); then it is read with
 ``torch.load(weights_only=True)``, which refuses pickled code, and its
 weights must be finite. Every failure names the file and the problem.
 """
@@ -24,23 +24,18 @@ from typing import Any, BinaryIO
 
 import torch
 
-from vaelib import _archive
-from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
-from vaelib._lock import RunLocked
-from vaelib.devices import resolve_device
-from vaelib.history import History
+from vaelib._io import archive as model_archive
+from vaelib._io.atomic import atomic_write
+from vaelib._runtime.devices import resolve_device
 from vaelib.models import VAE
+from vaelib.training.history import History
 
 __all__ = [
     "CheckpointError",
-    "RunLocked",
-    "WriteError",
     "atomic_save",
-    "atomic_write",
     "load",
     "read_checkpoint",
     "read_training_checkpoint",
-    "remove_stale_temporaries",
     "save",
     "verify_training_checkpoint",
     "write_training_checkpoint",
@@ -86,15 +81,15 @@ def _load_error(path: Path, err: Exception) -> CheckpointError:
 
 
 def _inspect(path: Path) -> Any:
-    """The file's object with tensors as shapes (see ``vaelib._archive``), or a CheckpointError."""
+    """The file's object with tensors as shapes (see ``vaelib._io.archive``), or a CheckpointError."""
     try:
-        return _archive.inspect(path)
-    except _archive.UnsafeGlobal as err:
+        return model_archive.inspect(path)
+    except model_archive.UnsafeGlobal as err:
         raise CheckpointError(
             f"{path}: refused to load: the file holds a Python object ({err.name}) that could run code "
             "when unpickled; only tensors and plain data saved by vaelib are accepted"
         ) from None
-    except _archive.ArchiveError as err:
+    except model_archive.ArchiveError as err:
         raise CheckpointError(f"{path}: not a readable checkpoint (crafted, truncated or corrupt): {err}") from None
     except Exception as err:  # BadZipFile, and others for archives broken in odd ways
         raise CheckpointError(
@@ -119,7 +114,7 @@ def _checked(path: Path, check: Callable[..., Any], *args: Any) -> Any:
     """``check(*args)``, with its ``ArchiveError`` turned into a ``CheckpointError`` naming ``path``."""
     try:
         return check(*args)
-    except _archive.ArchiveError as err:
+    except model_archive.ArchiveError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
@@ -159,9 +154,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: damaged: the bytes of {damaged!r} do not match their stored CRC-32 checksum")
     _check_header(path, shapes)
     if shapes.get("kind") == "checkpoint":
-        _checked(path, _archive.check_record, shapes["model"])
+        _checked(path, model_archive.check_record, shapes["model"])
     elif shapes.get("kind") == "model":
-        _checked(path, _archive.check_record, shapes)
+        _checked(path, model_archive.check_record, shapes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the error below says all there is to say
@@ -169,7 +164,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as err:  # torch raises many types for damaged or unsafe files
         raise _load_error(path, err) from err
     _check_header(path, obj)
-    bad = _archive.nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
+    bad = model_archive.nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
     if bad is not None:
         raise CheckpointError(
             f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
@@ -197,9 +192,9 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike[str] = "<r
             f"{path}: holds no architecture (a model with networks of your own); "
             "build the model and pass it: vaelib.load(path, model=vae)"
         )
-    config = _checked(Path(path), _archive.check_record, record)  # before anything is built
-    dtype = _archive.DTYPES[str(record.get("dtype", "torch.float32"))]
-    vae = _archive.build(config).to(dtype)
+    config = _checked(Path(path), model_archive.check_record, record)  # before anything is built
+    dtype = model_archive.DTYPES[str(record.get("dtype", "torch.float32"))]
+    vae = model_archive.build(config).to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:

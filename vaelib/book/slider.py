@@ -1,4 +1,4 @@
-"""The HTML and JavaScript of :func:`vaelib.synthesis.slider_html`.
+"""The HTML and JavaScript of :func:`vaelib.book.synthesis.slider_html`.
 
 A self-contained figure: the frames are embedded as JSON, two range inputs pick
 a frame, and about a hundred lines of plain JavaScript redraw an inline SVG.

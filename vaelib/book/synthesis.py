@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelib._checks import check_positive_int
-from vaelib._slider import SLIDER_TEMPLATE, table_rows
+from vaelib.book.slider import SLIDER_TEMPLATE, table_rows
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.toy import LinearGaussian, as_multivariate_normal
 
