@@ -55,7 +55,7 @@ import torch
 import vaelib
 from benchmarks import _record
 from vaelib._runtime.devices import resolve_device
-from vaelib.training.checkpoint import read_checkpoint
+from vaelib.training.model_file import read_checkpoint
 from vaelib.training.run_folder import read_json, write_json
 
 MODELS = ("vae-k1", "vae-k5", "vae-k50", "iwae-k5", "iwae-k50")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.training.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from vaelib.training.model_file import CheckpointError, atomic_save, read_checkpoint
 
 X_DIM = 64
 

@@ -15,7 +15,7 @@ import torch
 
 import vaelib
 from vaelib.cli import build_parser, main
-from vaelib.training.checkpoint import read_checkpoint
+from vaelib.training.model_file import read_checkpoint
 
 TINY = ["--hidden", "8", "--z-dim", "2", "--epochs", "2", "--test-k", "3"]
 

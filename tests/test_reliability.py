@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.training.checkpoint import read_checkpoint
+from vaelib.training.model_file import read_checkpoint
 
 X_DIM = 64
 

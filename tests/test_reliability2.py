@@ -30,7 +30,7 @@ from vaelib._io.atomic import WriteError, remove_stale_temporaries
 from vaelib._io.lock import RunLocked, exclusive
 from vaelib.cli import main
 from vaelib.data import MNIST_FILES, IDXError, load_mnist, read_idx
-from vaelib.training.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from vaelib.training.model_file import CheckpointError, atomic_save, read_checkpoint
 
 X_DIM = 64
 TINY = ["--hidden", "8", "--z-dim", "2", "--test-k", "2", "--batch-size", "500"]
@@ -187,7 +187,7 @@ def test_out_must_be_a_run_a_new_folder_or_an_empty_one(tmp_path, capsys):
 MEASURE = """
 import resource, sys
 import vaelib
-from vaelib.training.checkpoint import CheckpointError
+from vaelib.training.model_file import CheckpointError
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 for path in sys.argv[1:]:
@@ -288,7 +288,7 @@ class _FullDisk:
             broken.write = write
             return broken
 
-        monkeypatch.setattr(vaelib.training.checkpoint.os, "fdopen", fdopen)
+        monkeypatch.setattr(vaelib._io.atomic.os, "fdopen", fdopen)
 
 
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, digits):

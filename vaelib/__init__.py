@@ -34,8 +34,8 @@ from vaelib.networks import MLPConfig
 from vaelib.renyi import renyi_from_log_weights, renyi_objective
 from vaelib.toy import LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, fit
-from vaelib.training.checkpoint import CheckpointError, load, save
 from vaelib.training.history import History
+from vaelib.training.model_file import CheckpointError, load, save
 
 __version__ = "0.1.0"
 

@@ -50,9 +50,10 @@ from vaelib.evaluate import log_likelihood
 from vaelib.models import VAE
 from vaelib.objectives import bound
 from vaelib.train import TrainingDiverged, _settings, fit
-from vaelib.training.checkpoint import load, verify_training_checkpoint
+from vaelib.training.checkpoint import verify_training_checkpoint
 from vaelib.training.distributed import init_from_env, rank_and_world_size, shutdown
 from vaelib.training.history import History
+from vaelib.training.model_file import load
 from vaelib.training.run_folder import CHECKPOINT, LOCK, METRICS, RUN, SAMPLES, check_out, read_run, write_json
 
 __all__ = ["build_parser", "main"]

@@ -4,6 +4,6 @@ from, checkpoints, several processes under ``torchrun`` and the run folder of th
 The math it trains lives at the top of the package; this folder holds the machinery.
 """
 
-from vaelib.training import batches, callbacks, checkpoint, distributed, history, run_folder
+from vaelib.training import batches, callbacks, checkpoint, distributed, history, model_file, run_folder
 
-__all__ = ["batches", "callbacks", "checkpoint", "distributed", "history", "run_folder"]
+__all__ = ["batches", "callbacks", "checkpoint", "distributed", "history", "model_file", "run_folder"]
