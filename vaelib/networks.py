@@ -1,7 +1,7 @@
 """The networks of the ready-made VAEs: their architectures, enough to rebuild a model from a file, and their builders.
 
 :class:`MLPConfig` describes a fully connected encoder and decoder, :class:`ConvConfig`
-a convolutional one; :meth:`vaelib.VAE.mlp` and :meth:`vaelib.VAE.conv` build the
+a convolutional one; :meth:`vaelib.models.VAE.mlp` and :meth:`vaelib.models.VAE.conv` build the
 networks with :func:`mlp_network` and :func:`conv_networks` and keep the config.
 """
 

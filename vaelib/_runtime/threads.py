@@ -93,7 +93,7 @@ class StepThreads:
     device : torch.device or str
         Only CPU loops are tuned; elsewhere :meth:`step` does nothing.
     work : int
-        Multiply-adds per matrix product in a step (:func:`matmul_work`).
+        Multiply-adds per matrix product in a step (:func:`~vaelib._runtime.thread_policy.matmul_work`).
     trials : int
         Timed steps per candidate that make up its estimate.
     explore_every : int
@@ -257,7 +257,7 @@ def compute_threads(
 
     With ``once=True`` the block is one piece of work that cannot be timed step
     by step: it runs on one thread if the work is small, else on torch's count
-    (:func:`cpu_threads`), and ``step()`` does nothing. Either way the
+    (:func:`~vaelib._runtime.thread_policy.cpu_threads`), and ``step()`` does nothing. Either way the
     caller's count is restored on the way out.
 
     Parameters
@@ -265,7 +265,8 @@ def compute_threads(
     device : torch.device or str
         Only CPU work is tuned.
     model : object
-        The model the rows pass through; its largest matrix product sets the work (:func:`matmul_work`).
+        The model the rows pass through; its largest matrix product sets the work
+        (:func:`~vaelib._runtime.thread_policy.matmul_work`).
     rows : int
         Rows of one pass (a batch, times the samples per data point).
     once : bool

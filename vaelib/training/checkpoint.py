@@ -1,4 +1,4 @@
-"""Training checkpoints: what :func:`vaelib.fit` writes after every epoch to resume a run exactly.
+"""Training checkpoints: what :func:`vaelib.train.fit` writes after every epoch to resume a run exactly.
 
 A checkpoint is a model file (:mod:`vaelib.training.model_file`) that also
 holds the optimizer's state (and a scheduler's), the history and the settings

@@ -1,6 +1,6 @@
 """Model files: saving and loading a model, safely and atomically, and reading any file vaelib wrote.
 
-The training checkpoints of :func:`vaelib.fit` are model files with the
+The training checkpoints of :func:`vaelib.train.fit` are model files with the
 optimizer's state and the history beside the weights
 (:mod:`vaelib.training.checkpoint`).
 
@@ -45,10 +45,10 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "checkpoint") -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`).
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`~vaelib._io.atomic.atomic_write`).
 
     The archive is built in memory and then written, so a failing file system
-    raises :class:`WriteError` rather than an error from inside torch's writer.
+    raises :class:`~vaelib._io.atomic.WriteError` rather than an error from inside torch's writer.
     """
 
     def write(f: BinaryIO) -> None:

@@ -45,7 +45,7 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
     Raises
     ------
-    vaelib.WriteError
+    vaelib._io.atomic.WriteError
         If the file cannot be written (a full disk); the previous file under that name is intact.
     """
 
