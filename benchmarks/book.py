@@ -28,7 +28,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 from benchmarks import _record
-from vaelib.devices import default_device
+from vaelib._runtime.devices import default_device
 
 NOTEBOOK_BUDGET_S = 90.0
 TOTAL_BUDGET_S = 600.0

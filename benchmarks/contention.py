@@ -13,7 +13,7 @@ Each is timed with 0, 1 and 2 other trainings running beside it: separate
 processes that repeat the book's training cell (``--book-epochs``) until they
 are stopped, as a reader with two notebooks open would run them. The other trainings use the
 same thread policy as the timed one. ``--policy`` picks the policies compared:
-``auto`` is vaelib's (:mod:`vaelib.threads`), ``torch`` leaves torch's thread
+``auto`` is vaelib's (:mod:`vaelib._runtime.threads`), ``torch`` leaves torch's thread
 count alone, as vaelib did before (``VAELIB_CPU_THREADS=torch``); by default
 both are run, so the record carries the figures before and after.
 

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from benchmarks import _record
-from vaelib.devices import resolve_device
+from vaelib._runtime.devices import resolve_device
 
 PARTS = ("throughput", "loglik", "streaming", "inference_gaps", "book", "iwae_table")
 SHARES = {

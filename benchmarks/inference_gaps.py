@@ -36,7 +36,7 @@ import torch
 
 import vaelib
 from benchmarks import _record
-from vaelib.devices import resolve_device
+from vaelib._runtime.devices import resolve_device
 from vaelib.flows import FlowVAE
 from vaelib.gaps import InferenceGaps, inference_gaps
 

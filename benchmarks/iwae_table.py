@@ -54,8 +54,9 @@ import torch
 
 import vaelib
 from benchmarks import _record
-from vaelib.checkpoint import read_checkpoint
-from vaelib.devices import resolve_device
+from vaelib._runtime.devices import resolve_device
+from vaelib.training.model_file import read_checkpoint
+from vaelib.training.run_folder import read_json, write_json
 
 MODELS = ("vae-k1", "vae-k5", "vae-k50", "iwae-k5", "iwae-k50")
 # Burda et al. (2015), Table 1, one stochastic layer: test negative log-likelihood in nats.
@@ -154,19 +155,9 @@ def _progress_path(settings: Settings, s: Spec) -> Path:
     return settings.checkpoint_dir / f"{s.name}.progress.json"
 
 
-def _read_json(path: Path, default: dict) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
 def _read_progress(settings: Settings, s: Spec) -> dict:
     """Seconds spent in each stage and the stages finished, kept beside the checkpoints."""
-    return _read_json(_progress_path(settings, s), {"stage_seconds": [0.0] * settings.stages, "stages_done": []})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    return read_json(_progress_path(settings, s), {"stage_seconds": [0.0] * settings.stages, "stages_done": []})
 
 
 def train_model(s: Spec, train_x: torch.Tensor, settings: Settings, *, progress: bool | None) -> bool:
@@ -209,11 +200,11 @@ def train_model(s: Spec, train_x: torch.Tensor, settings: Settings, *, progress:
             return False
         finally:
             record["stage_seconds"][stage] += time.perf_counter() - start
-            _write_json(_progress_path(settings, s), record)
+            write_json(_progress_path(settings, s), record)
         if history.interrupted:
             raise KeyboardInterrupt
         record["stages_done"].append(stage)
-        _write_json(_progress_path(settings, s), record)
+        write_json(_progress_path(settings, s), record)
         # Only the last finished stage is needed to go on: at most two
         # checkpoints per model, so a run's folder is small enough to move.
         for earlier in range(stage):
@@ -296,7 +287,7 @@ def evaluate(s: Spec, test_x: torch.Tensor, settings: Settings, eval_k: int, bat
         "eval_seconds": round(seconds, 2),
         "final_train_bound": round(history["train_bound"][-1], 3),
     }
-    _write_json(cache, result)
+    write_json(cache, result)
     return result
 
 
@@ -411,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             f"iwae_table: {settings.checkpoint_dir} already holds a run; pass --resume to continue it "
             "or choose another --checkpoint-dir"
         )
-    run_state = _read_json(run_file, {"settings": settings.key(), "train_wall_seconds": 0.0})
+    run_state = read_json(run_file, {"settings": settings.key(), "train_wall_seconds": 0.0})
     if run_state["settings"] != settings.key():
         raise SystemExit(f"iwae_table: {run_file} was written with other settings: {run_state['settings']}")
     train_x, test_x = load_data(settings)
@@ -426,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         train_all(specs, train_x, settings, parallel=parallel, threads=args.threads, devices=devices)
     finally:
         run_state["train_wall_seconds"] += time.perf_counter() - start
-        _write_json(run_file, run_state)
+        write_json(run_file, run_state)
     finished, lines = _status(specs, settings)
     if not finished:
         print("iwae_table: stopped before the end of the schedule; run again with --resume to go on")

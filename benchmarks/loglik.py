@@ -33,7 +33,7 @@ import torch
 
 import vaelib
 from benchmarks import _record
-from vaelib.devices import resolve_device
+from vaelib._runtime.devices import resolve_device
 
 Z_DIM = 50
 HIDDEN = (200, 200)

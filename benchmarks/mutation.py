@@ -47,7 +47,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 from benchmarks import _record, book
-from vaelib.devices import default_device
+from vaelib._runtime.devices import default_device
 
 COPIED = ("vaelib", "book", "_toc.yml", "_config.yml")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import vaelib
 from benchmarks import _record
 from benchmarks.throughput import load_data
-from vaelib.batches import default_workers
-from vaelib.devices import resolve_device
+from vaelib._runtime.devices import resolve_device
+from vaelib.training.batches import default_workers
 
 BATCH_SIZE = 128
 LR = 1e-3

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vaelib
 from benchmarks import _record
-from vaelib.devices import float32_matmul_precision, resolve_device
+from vaelib._runtime.devices import float32_matmul_precision, resolve_device
 
 BATCH_SIZE = 128
 LR = 1e-3

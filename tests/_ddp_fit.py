@@ -62,7 +62,7 @@ def train(
     vae = vaelib.VAE.mlp(x_dim=64, z_dim=3, hidden=(16,)).double()
     x = vaelib.data.load_digits()[0][:ROWS].double()
 
-    def kill(history: vaelib.history.History) -> None:
+    def kill(history: vaelib.training.history.History) -> None:
         if history.epoch[-1] == kill_after:
             dist.barrier()  # rank 0 has written this epoch's checkpoint
             if dist.get_rank() == 1:
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
     vae, history = train(args.epochs, args.out / "checkpoint.pt", args.resume, args.kill_after, args.stream)
-    rank, world_size = vaelib.distributed.rank_and_world_size()
+    rank, world_size = vaelib.training.distributed.rank_and_world_size()
     record = {
         "state": vae.state_dict(),
         "epochs": history.epoch,
@@ -107,7 +107,7 @@ def main() -> None:
         "world_size": world_size,
     }
     torch.save(record, args.out / f"rank{rank}.pt")
-    vaelib.distributed.shutdown()
+    vaelib.training.distributed.shutdown()
 
 
 if __name__ == "__main__":

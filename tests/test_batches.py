@@ -1,4 +1,7 @@
-"""vaelib.batches: streamed batches are the resident ones, so a CPU run ends with the same weights bit for bit."""
+"""vaelib.training.batches: streamed batches are the resident ones.
+
+So a CPU run ends with the same weights bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import vaelib
-from vaelib import batches
+from vaelib.training import batches
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +19,7 @@ def digits() -> torch.Tensor:
     return vaelib.data.load_digits()[0][:230]  # 230 rows: the last batch of 50 is short
 
 
-def trained(data: object, **options: object) -> tuple[dict[str, torch.Tensor], vaelib.history.History]:
+def trained(data: object, **options: object) -> tuple[dict[str, torch.Tensor], vaelib.training.history.History]:
     torch.manual_seed(0)
     vae = vaelib.VAE.mlp(x_dim=64, z_dim=4, hidden=(32,))
     history = vaelib.fit(vae, data, epochs=2, batch_size=50, lr=3e-3, device="cpu", seed=7, progress=False, **options)

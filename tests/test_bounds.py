@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,3 +106,32 @@ def test_estimators_stay_finite_on_extreme_log_weights(k, spread, offset, seed):
     assert bool((iwae <= log_w.max(0).values + tol).all())
     reference = torch.logsumexp(log_w.double(), 0) - math.log(k)
     torch.testing.assert_close(iwae.double(), reference, rtol=1e-5, atol=tol)
+
+
+def _reference_bounds(log_w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """log-mean-exp and mean in float64 NumPy, with the max shifted out by hand."""
+    w = log_w.double().numpy()
+    top = w.max(axis=0)
+    iwae = top + np.log(np.exp(w - top).sum(axis=0)) - math.log(w.shape[0])
+    return iwae, w.mean(axis=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 50, 5000])
+def test_bounds_of_log_weights_spread_over_thousands_of_nats(k):
+    """float32 log weights from -5000 to +3000 nats (one column all far below, one far above):
+    finite bounds that agree with a float64 reference to float32 rounding."""
+    g = torch.Generator().manual_seed(k)
+    spread = -5000 + 8000 * torch.rand(k, 3, generator=g)
+    low = torch.full((k, 1), -4000.0) - 300 * torch.rand(k, 1, generator=g)
+    high = torch.full((k, 1), 3000.0) + 50 * torch.rand(k, 1, generator=g)
+    log_w = torch.cat([spread, low, high], dim=1).float()  # (k, 5)
+    if k > 1:
+        log_w[0, 0] = -math.inf  # a zero weight among others is allowed
+    iwae, elbo = vaelib.iwae_from_log_weights(log_w), vaelib.elbo_from_log_weights(log_w[:, 1:])
+    assert iwae.dtype == torch.float32 and torch.isfinite(iwae).all() and torch.isfinite(elbo).all()
+    ref_iwae, ref_elbo = _reference_bounds(log_w)
+    eps = torch.finfo(torch.float32).eps
+    scale = float(log_w[torch.isfinite(log_w)].abs().max())
+    assert np.allclose(iwae.double().numpy(), ref_iwae, rtol=0, atol=8 * eps * scale)
+    assert np.allclose(elbo.double().numpy(), ref_elbo[1:], rtol=0, atol=8 * eps * scale)
+    assert (iwae.double().numpy() >= ref_elbo - 8 * eps * scale)[1:].all()  # Jensen: IWAE >= ELBO

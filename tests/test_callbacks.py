@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.callbacks import Callback, CSVLogger, EarlyStopping, TensorBoard, TrainState
+from vaelib.training.callbacks import Callback, CSVLogger, EarlyStopping, TensorBoard, TrainState
 
 X_DIM = 64
 OPTIONS = {"device": "cpu", "progress": False, "batch_size": 50}

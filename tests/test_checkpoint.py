@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +18,9 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from vaelib._io.atomic import WriteError
+from vaelib.cli import main
+from vaelib.training.model_file import CheckpointError, atomic_save, read_checkpoint
 
 X_DIM = 64
 
@@ -252,3 +258,166 @@ def test_plain_pickle_is_refused(tmp_path):
     assert not marker.exists()
     pickle.loads(path.read_bytes()).close()  # control: it does run code when unpickled
     assert marker.exists()
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VAELIB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+
+
+def run(argv: list) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed command (no traceback)."""
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+MEASURE = """
+import resource, sys
+import vaelib
+from vaelib.training.model_file import CheckpointError
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+for path in sys.argv[1:]:
+    before = peak()
+    try:
+        vaelib.load(path)
+        outcome = "loaded"
+    except CheckpointError as err:
+        outcome = str(err)
+    print(peak() - before, outcome, flush=True)
+"""
+
+
+def _inflating_copy(good: Path, bad: Path, inflated: int) -> None:
+    """``good`` with its data.pkl deflated and padded with zeros to ``inflated`` bytes: a zip bomb."""
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if not info.filename.endswith("/data.pkl"):
+                dst.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED)
+                continue
+            with dst.open(info.filename, "w", force_zip64=True) as f:
+                f.write(data)
+                zeros = bytes(1 << 20)
+                for _ in range((inflated - len(data)) >> 20):
+                    f.write(zeros)
+
+
+class _FullDisk:
+    """Stands for a file system that fills up: file writes fail with ENOSPC once armed."""
+
+    def __init__(self, monkeypatch, after: int) -> None:
+        self.calls, self.after, real = 0, after, os.fdopen
+
+        def fdopen(fd, *args, **kwargs):
+            f = real(fd, *args, **kwargs)
+            self.calls += 1
+            if self.calls <= self.after:
+                return f
+            f.close()
+            fd2 = os.open(os.devnull, os.O_WRONLY)
+            broken = real(fd2, "wb")
+
+            def write(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            broken.write = write
+            return broken
+
+        monkeypatch.setattr(vaelib._io.atomic.os, "fdopen", fdopen)
+
+
+@pytest.mark.slow
+def test_crafted_checkpoints_are_refused_in_bounded_memory(tmp_path, digits):
+    """A recorded architecture of 742 MB or of 10**12 units, and a 256 MB zip bomb, each in a file of
+    kilobytes: refused with CheckpointError, and loading them raises the peak memory by under 40 MB."""
+    good = tmp_path / "good.pt"
+    vaelib.fit(tiny(), digits, epochs=1, checkpoint=good, progress=False)
+    files = {}
+    for name, hidden in (("wide", [1_000_000]), ("huge", [10**12])):
+        obj = read_checkpoint(good)
+        obj["model"]["config"]["hidden"] = hidden
+        files[name] = atomic_save(obj, tmp_path / f"{name}.pt")
+    files["bomb"] = tmp_path / "bomb.pt"
+    _inflating_copy(good, files["bomb"], 256 << 20)
+    assert all(p.stat().st_size < 1 << 20 for p in files.values()), {n: p.stat().st_size for n, p in files.items()}
+    with pytest.raises(CheckpointError, match="do not fit the recorded architecture"):
+        read_checkpoint(files["wide"])  # refused before torch.load reads the tensors, not only by load
+    child = subprocess.run(
+        [sys.executable, "-c", MEASURE, *map(str, files.values())], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    results = dict(zip(files, child.stdout.splitlines(), strict=True))
+    expected = {
+        "wide": "the weights do not fit the recorded architecture",
+        "huge": "the recorded architecture is invalid: hidden, z_dim: .* more than the 268,435,456 allowed",
+        "bomb": "is compressed",
+    }
+    for name, line in results.items():
+        grown, message = line.split(" ", 1)
+        assert message.startswith(f"{files[name]}: "), line
+        assert re.search(expected[name], message), line
+        assert int(grown) < 40 << 20, f"{name}: peak memory grew by {int(grown) >> 20} MB"
+
+
+def test_tensor_reaching_outside_its_storage_is_refused(tmp_path, digits):
+    """A pickle that claims more elements than its storage member holds is refused before reading."""
+    good = tmp_path / "good.pt"
+    vaelib.save(tiny(), good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/data/0"):
+                data = data[:4]  # the member shrinks; the pickle still claims the full storage
+            dst.writestr(info.filename, data)
+    with pytest.raises(CheckpointError, match=r"storage 0 should hold \d+ bytes, but its member .* holds 4 bytes"):
+        vaelib.load(bad)
+
+
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, digits):
+    path = tmp_path / "checkpoint.pt"
+    _FullDisk(monkeypatch, after=1)  # the first checkpoint is written, the second is not
+    with pytest.raises(WriteError) as err:
+        vaelib.fit(tiny(), digits, epochs=3, checkpoint=path, progress=False)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC and "\n" not in message
+    assert message == f"{path}: could not be written (no space left on the device); the previous checkpoint is intact"
+    assert read_checkpoint(path)["epoch"] == 1 and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, digits, value, capsys):
+    path = tmp_path / "run" / "checkpoint.pt"
+    vaelib.fit(tiny(), digits, epochs=1, checkpoint=path, progress=False)
+    obj = read_checkpoint(path)
+    obj["model"]["state_dict"]["decoder.0.weight"][0, 0] = value
+    atomic_save(obj, path)
+    pattern = rf"^{re.escape(str(path))}: holds NaN or infinite values \(model\.state_dict\.decoder\.0\.weight\)"
+    with pytest.raises(CheckpointError, match=pattern):
+        vaelib.load(path)
+    with pytest.raises(CheckpointError, match=pattern):
+        vaelib.fit(tiny(), digits, epochs=2, checkpoint=path, resume=True, progress=False)
+    (path.parent / "run.json").write_text(json.dumps({"format": "vaelib-run", "data": "digits", "seed": 0}))
+    assert run(["evaluate", path.parent, "--k", "2"]) == 2
+    assert "holds NaN or infinite values" in one_line_error(capsys)
+
+
+def test_load_refuses_devices_this_machine_lacks(tmp_path):
+    path = vaelib.save(tiny(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"^device: expected 'auto', 'cpu', 'cuda' or 'mps', got 'tpu'"):
+        vaelib.load(path, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda' was asked for, but CUDA is not available"):
+            vaelib.load(path, device="cuda")

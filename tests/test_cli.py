@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
+import multiprocessing
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import vaelib
-from vaelib.checkpoint import read_checkpoint
+from vaelib._io.lock import RunLocked
 from vaelib.cli import build_parser, main
+from vaelib.training.model_file import CheckpointError, read_checkpoint
 
 TINY = ["--hidden", "8", "--z-dim", "2", "--epochs", "2", "--test-k", "3"]
 
@@ -228,3 +235,371 @@ def test_divergence_is_reported_and_the_checkpoint_kept(tmp_path, capsys):
     assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert all(torch.isfinite(p).all() for p in vaelib.load(out / "checkpoint.pt").parameters())
     assert not (out / "metrics.json").exists()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_state(a, b) -> bool:
+    """Bitwise equality of nested checkpoint contents (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+# One gradient step per epoch (batch = all 1500 images), so an epoch is mostly its checkpoint write.
+KILL_EPOCHS = 150
+
+
+KILL_ARGS = ["train", "--hidden", "4", "--z-dim", "2", "--batch-size", "1500", "--test-k", "2", "--seed", "3"]
+
+
+KILL_ARGS += ["--epochs", str(KILL_EPOCHS)]
+
+
+def _train_child(argv: list[str], log: str, kill_in_save: tuple[int, float] | None) -> None:
+    """``vaelib train`` in a child process; with ``kill_in_save=(n, f)`` it SIGKILLs itself part-way
+    through its n-th checkpoint write, after a fraction f of the file's bytes (f = 1: before the rename)."""
+    torch.set_num_threads(1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if kill_in_save is not None:
+        nth, fraction = kill_in_save
+        real_save, calls = torch.save, [0]
+
+        def save(obj, f, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] < nth:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: int(fraction * len(buffer.getvalue()))])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save
+    from vaelib.cli import main
+
+    sys.exit(main(argv))
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".checkpoint.pt.*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_killed_training_resumes_bitwise(tmp_path):
+    """SIGKILL at 25 seeded moments, half of them inside a checkpoint write: the checkpoint on disk
+    always loads, and resuming each time ends with exactly the weights of an uninterrupted run."""
+    rng = random.Random(20240611)
+    # Children fork from a server that has already imported torch and vaelib: they start in milliseconds.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["vaelib.cli", __name__])
+    log = str(tmp_path / "log.txt")
+
+    def child(out: Path, kill_in_save=None, resume=True):
+        argv = [*KILL_ARGS, "--out", str(out)] + (["--resume"] if resume else [])
+        return ctx.Process(target=_train_child, args=(argv, log, kill_in_save))
+
+    reference = child(tmp_path / "reference", resume=False)
+    reference.start()
+    reference.join(300)
+    assert reference.exitcode == 0, Path(log).read_text()[-2000:]
+
+    out = tmp_path / "killed"
+    checkpoint = out / "checkpoint.pt"
+    # Trial 0: the real entry point, `python -m vaelib train`, killed once it has written a few epochs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAELIB_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "vaelib", *KILL_ARGS, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for _ in range(rng.randint(1, 4)):
+        assert proc.stdout.readline().startswith("epoch ")
+    time.sleep(rng.uniform(0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    epoch, in_write, trials = read_checkpoint(checkpoint)["epoch"], 0, 1
+    for trial in range(24):
+        if trial % 2 == 0:  # at a random moment: starting up, training, or writing
+            p = child(out)
+            p.start()
+            time.sleep(rng.uniform(0.0, 0.15))
+            p.kill()
+        else:  # inside the n-th checkpoint write, after a random share of its bytes
+            nth, fraction = rng.randint(1, 3), rng.choice([0.0, rng.random(), 1.0])
+            p = child(out, kill_in_save=(nth, fraction))
+            p.start()
+        p.join(120)
+        trials += 1
+        assert p.exitcode in (-signal.SIGKILL, 0), Path(log).read_text()[-2000:]
+        leftover = _temporaries(out)
+        killed_in_write = trial % 2 == 1 and p.exitcode == -signal.SIGKILL
+        if checkpoint.exists():
+            saved = read_checkpoint(checkpoint)  # always loads, never half-written
+            vaelib.load(checkpoint)
+            assert saved["epoch"] >= epoch and saved["history"]["epoch"] == list(range(1, saved["epoch"] + 1))
+            if killed_in_write:
+                assert leftover, "a kill inside a write leaves its temporary file"
+                assert saved["epoch"] == epoch + nth - 1, "the interrupted write must not replace the checkpoint"
+            epoch = saved["epoch"]
+        in_write += killed_in_write
+    assert trials >= 20 and in_write >= 10 and 0 < epoch < KILL_EPOCHS, (trials, in_write, epoch)
+
+    last = child(out)
+    last.start()
+    last.join(300)
+    assert last.exitcode == 0, Path(log).read_text()[-2000:]
+    assert _temporaries(out) == []  # the killed writes' temporary files are cleaned up
+    resumed, uninterrupted = read_checkpoint(checkpoint), read_checkpoint(tmp_path / "reference" / "checkpoint.pt")
+    assert resumed["epoch"] == KILL_EPOCHS
+    assert same_weights(resumed["model"]["state_dict"], uninterrupted["model"]["state_dict"])
+    assert same_state(resumed["optimizer"], uninterrupted["optimizer"])
+    assert resumed["history"]["train_bound"] == uninterrupted["history"]["train_bound"]
+
+
+X_DIM = 64
+
+
+QUICK = ["--hidden", "8", "--z-dim", "2", "--test-k", "2", "--batch-size", "500"]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VAELIB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return vaelib.data.load_digits()[0][:300]
+
+
+def tiny(activation: str = "tanh", seed: int = 0) -> vaelib.VAE:
+    torch.manual_seed(seed)
+    return vaelib.VAE.mlp(X_DIM, 2, hidden=(8,), activation=activation)
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed command (no traceback)."""
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    """A finished two-epoch CLI run."""
+    out = tmp_path / "run"
+    assert run(["train", *QUICK, "--epochs", "2", "--out", out]) == 0
+    return out
+
+
+# Holds the lock until told to stop; loads vaelib/_io/lock.py alone, so it starts without importing torch.
+HOLD_LOCK = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_lock", {vaelib._io.lock.__file__!r})
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+with lock.exclusive(sys.argv[1], "test"):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+class _FullDisk:
+    """Stands for a file system that fills up: file writes fail with ENOSPC once armed."""
+
+    def __init__(self, monkeypatch, after: int) -> None:
+        self.calls, self.after, real = 0, after, os.fdopen
+
+        def fdopen(fd, *args, **kwargs):
+            f = real(fd, *args, **kwargs)
+            self.calls += 1
+            if self.calls <= self.after:
+                return f
+            f.close()
+            fd2 = os.open(os.devnull, os.O_WRONLY)
+            broken = real(fd2, "wb")
+
+            def write(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            broken.write = write
+            return broken
+
+        monkeypatch.setattr(vaelib._io.atomic.os, "fdopen", fdopen)
+
+
+FSIZE = """
+import os, resource, signal, sys
+from vaelib.cli import main
+out = sys.argv[1]
+args = ["train", "--hidden", "64", "--z-dim", "2", "--test-k", "2", "--batch-size", "500", "--out", out]
+assert main([*args, "--epochs", "1"]) == 0
+# The kernel now refuses to grow any file past 4 kB (run.json fits; the checkpoint's 16 kB
+# weight matrices do not): a real failing write, inside torch's writer if it wrote to the file.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+sys.exit(main([*args, "--epochs", "2", "--resume"]))
+"""
+
+
+def test_second_run_into_a_locked_folder_is_refused_with_the_holders_pid(tmp_path, capsys, digits):
+    """While a live process holds the run's lock, train and fit are refused naming its pid; once it
+    is killed (SIGKILL: no clean-up), its stale lock is taken over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / ".checkpoint.pt.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert run(["train", *QUICK, "--epochs", "1", "--out", out]) == 2
+        assert f"in use by another run (pid {holder.pid})" in one_line_error(capsys)
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            vaelib.fit(tiny(), digits, epochs=1, checkpoint=out / "checkpoint.pt", progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".checkpoint.pt.lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert run(["train", *QUICK, "--epochs", "1", "--out", out]) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert not (out / ".checkpoint.pt.lock").exists()  # released and removed on exit
+
+
+def test_out_must_be_a_run_a_new_folder_or_an_empty_one(tmp_path, capsys):
+    """An empty --out and a folder of other files are refused and left untouched."""
+    assert run(["train", *QUICK, "--epochs", "1", "--out", ""]) == 2
+    assert "--out: expected a folder name" in one_line_error(capsys)
+    for name in ("notes.txt", "metrics.json"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("mine")
+        for resume in ([], ["--resume"]):
+            assert run(["train", *QUICK, "--epochs", "1", "--out", folder, *resume]) == 2
+            assert f"not empty and not a run of 'vaelib train' (it holds {name})" in one_line_error(capsys)
+        assert sorted(p.name for p in folder.iterdir()) == [name] and (folder / name).read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(["train", *QUICK, "--epochs", "1", "--out", empty]) == 0
+
+
+def test_full_disk_in_the_command_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _FullDisk(monkeypatch, after=2)  # run.json and the first checkpoint
+    assert run(["train", *QUICK, "--epochs", "3", "--out", out]) == 2
+    monkeypatch.undo()
+    err = one_line_error(capsys)
+    assert f"{out / 'checkpoint.pt'}: could not be written (no space left on the device)" in err
+    assert err.endswith("the previous checkpoint is intact\n")
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and temporaries(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_a_write_the_kernel_refuses_is_one_line_in_the_command_line(tmp_path):
+    """With a file size limit (RLIMIT_FSIZE), torch's own writer would fail inside its zip writer
+    ("unexpected pos"); the archive is built in memory, so the write fails as one clear line."""
+    out = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", FSIZE, str(out)], capture_output=True, text=True, env=ENV)
+    assert child.returncode == 2, child.stderr[-2000:]
+    expected = f"{out / 'checkpoint.pt'}: could not be written (File too large); the previous checkpoint is intact"
+    assert child.stderr == f"vaelib train: error: {expected}\n"
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and temporaries(out) == []
+
+
+def test_refused_resume_leaves_run_json_as_it_was(run_folder, capsys):
+    """Without run.json the checkpoint's architecture is still compared; a refused resume writes nothing,
+    so the right resume then succeeds."""
+    (run_folder / "run.json").unlink()
+    assert run(["train", *QUICK, "--activation", "relu", "--epochs", "3", "--out", run_folder, "--resume"]) == 2
+    assert "another architecture" in one_line_error(capsys) and not (run_folder / "run.json").exists()
+    assert run(["train", *QUICK, "--epochs", "3", "--out", run_folder, "--resume"]) == 0
+    before = (run_folder / "run.json").read_bytes()
+    assert run(["train", *QUICK, "--epochs", "1", "--out", run_folder, "--resume"]) == 2  # fewer epochs
+    assert "already holds 3 epochs" in one_line_error(capsys)
+    assert (run_folder / "run.json").read_bytes() == before
+    assert run(["train", *QUICK, "--epochs", "3", "--out", run_folder, "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", str(2**64)], r"argument --seed: expected an integer in \[0, 18446744073709551615\]"),
+        (["--hidden", str(10**12)], r"--hidden, --z-dim: .* more than the 268,435,456 allowed"),
+        (["--z-dim", str(10**9)], r"--hidden, --z-dim: .* more than the 268,435,456 allowed"),
+    ],
+)
+def test_cli_refuses_huge_arguments_and_writes_nothing(argv, message, tmp_path, capsys):
+    assert run(["train", *argv, "--out", tmp_path / "new"]) == 2
+    assert re.search(message, one_line_error(capsys))
+    assert not (tmp_path / "new").exists()
+
+
+def test_zero_epochs_writes_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", *QUICK, "--epochs", "0", "--out", out]) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 0 and (out / "metrics.json").exists()
+    assert run(["evaluate", out, "--k", "2"]) == 0
+    assert run(["train", *QUICK, "--epochs", "1", "--out", out, "--resume"]) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_asking_for_fewer_epochs_than_done_is_refused(run_folder, capsys):
+    before = {p.name: p.read_bytes() for p in run_folder.iterdir()}
+    assert run(["train", *QUICK, "--epochs", "1", "--out", run_folder, "--resume"]) == 2
+    assert "epochs: " in (err := one_line_error(capsys)) and "already holds 2 epochs, more than the 1 asked for" in err
+    assert {p.name: p.read_bytes() for p in run_folder.iterdir()} == before
+
+
+def test_a_folder_named_like_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "run" / "checkpoint.pt"
+    folder.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: a folder, not a checkpoint file"):
+        vaelib.load(folder)
+    assert run(["evaluate", tmp_path / "run"]) == 2
+    assert "checkpoint.pt: a folder, not a checkpoint file" in one_line_error(capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="needs POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", 1)], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, signum):
+    """SIGTERM (SIGHUP) mid-run: a message, exit status 143 (129), and a checkpoint at the last full epoch."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vaelib",
+        "train",
+        *QUICK,
+        "--batch-size",
+        "100",
+        "--epochs",
+        "500",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().startswith("epoch 1/500")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    done = read_checkpoint(out / "checkpoint.pt")["epoch"]
+    assert err == f"vaelib train: stopped by {name} after epoch {done}; add --resume to continue\n"
+    assert 1 <= done < 500 and temporaries(out) == []

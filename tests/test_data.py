@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import struct
 import tempfile
+import threading
 import tracemalloc
 from datetime import timedelta
 from pathlib import Path
@@ -340,3 +342,32 @@ def test_binarize_repeats_with_a_generator_and_refuses_bad_intensities():
             data.binarize(bad)
     with pytest.raises(TypeError, match=r"x: expected a torch\.Tensor"):
         data.binarize(x.numpy())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_as_a_data_file_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "train-images-idx3-ubyte.gz"
+    os.mkfifo(fifo)
+    result = []
+
+    def read() -> None:
+        try:
+            read_idx(fifo)
+        except IDXError as err:
+            result.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "read_idx blocked on a FIFO"
+    assert result and "not a regular file" in result[0]
+
+
+def test_swapped_image_files_name_both_files(tmp_path):
+    mnist_like(tmp_path)
+    train, test = tmp_path / MNIST_FILES["train_images"], tmp_path / MNIST_FILES["test_images"]
+    train_bytes = train.read_bytes()
+    train.write_bytes(test.read_bytes())
+    test.write_bytes(train_bytes)
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte\.gz holds 4 images but .*train-labels.* 6 labels"):
+        load_mnist(tmp_path, checksums=None)

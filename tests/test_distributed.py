@@ -1,4 +1,7 @@
-"""vaelib.distributed: two gloo processes under torchrun train the model that one process trains, and resume."""
+"""vaelib.training.distributed: two gloo processes under torchrun train the model that one process trains.
+
+And they resume.
+"""
 
 from __future__ import annotations
 

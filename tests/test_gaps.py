@@ -25,7 +25,7 @@ def x(toy: vaelib.LinearGaussian) -> torch.Tensor:
 
 def test_optimized_gaussian_recovers_the_exact_posterior(toy, x):
     """Started at a poor encoder, the per-point fit ends within 0.01 nats of p(z|x), by the closed-form KL."""
-    vae = vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.5, scale_factor=2.0)
+    vae = vaelib.toy.linear_gaussian_vae(toy, mean_factor=0.5, scale_factor=2.0)
     q = optimize_posterior(vae, x, steps=300, k=16, seed=0)
     kl_start = kl_divergence(as_multivariate_normal(vae.encode(x)), toy.posterior(x))
     kl_end = kl_divergence(as_multivariate_normal(q), toy.posterior(x))
@@ -35,7 +35,7 @@ def test_optimized_gaussian_recovers_the_exact_posterior(toy, x):
 
 def test_gaps_on_the_linear_gaussian_model_match_closed_forms(toy, x):
     """Approximation gap = KL(q*||p(z|x)) ~ 0; amortization gap = KL(q_phi||p(z|x)), both in closed form."""
-    vae = vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.6, scale_factor=1.5)
+    vae = vaelib.toy.linear_gaussian_vae(toy, mean_factor=0.6, scale_factor=1.5)
     gaps = inference_gaps(vae, x, k=2000, k_elbo=500, steps=300, seed=0)
     exact_log_px = toy.log_marginal(x)
     kl_enc = kl_divergence(as_multivariate_normal(vae.encode(x)), toy.posterior(x)).detach()  # (n,)
@@ -59,7 +59,7 @@ def test_gaps_on_the_linear_gaussian_model_match_closed_forms(toy, x):
 
 def test_exact_encoder_has_no_amortization_gap(toy, x):
     """With q_phi = p(z|x) every log weight equals log p(x): both gaps vanish."""
-    vae = vaelib.VAE.from_linear_gaussian(toy)
+    vae = vaelib.toy.linear_gaussian_vae(toy)
     gaps = inference_gaps(vae, x, k=200, k_elbo=50, steps=50, lr=1e-3, seed=1)
     exact = toy.log_marginal(x)
     assert torch.allclose(gaps.elbo_amortized, exact, atol=1e-8)
@@ -72,7 +72,7 @@ def test_exact_encoder_has_no_amortization_gap(toy, x):
 
 def test_optimize_posterior_leaves_the_model_and_random_state_alone(toy, x):
     """The model's weights, their requires_grad and the global generator are unchanged."""
-    vae = vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.5)
+    vae = vaelib.toy.linear_gaussian_vae(toy, mean_factor=0.5)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     state = torch.get_rng_state()
     optimize_posterior(vae, x, steps=5, seed=3)
@@ -83,7 +83,7 @@ def test_optimize_posterior_leaves_the_model_and_random_state_alone(toy, x):
 
 def test_arguments_are_checked(toy, x):
     """Bad arguments raise before any work, naming the argument."""
-    vae = vaelib.VAE.from_linear_gaussian(toy)
+    vae = vaelib.toy.linear_gaussian_vae(toy)
     with pytest.raises(ValueError, match="family"):
         optimize_posterior(vae, x, family="mixture")
     with pytest.raises(ValueError, match="family"):

@@ -26,7 +26,7 @@ def lg() -> tuple[vaelib.VAE, vaelib.LinearGaussian, torch.Tensor]:
     """A VAE on the linear-Gaussian model (1-d latent) with a poorer encoder, the model, and 5 data points."""
     toy = vaelib.LinearGaussian.random(x_dim=3, z_dim=1, noise_std=0.5, seed=1)
     x, _ = toy.sample(5, generator=torch.Generator().manual_seed(2))
-    return vaelib.VAE.from_linear_gaussian(toy, mean_factor=0.7, scale_factor=1.4), toy, x
+    return vaelib.toy.linear_gaussian_vae(toy, mean_factor=0.7, scale_factor=1.4), toy, x
 
 
 def tiny(seed: int = 0, z_dim: int = 2, hidden: tuple[int, ...] = (16,)) -> vaelib.VAE:

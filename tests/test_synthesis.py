@@ -1,12 +1,8 @@
-"""vaelib.synthesis: the frames of the synthesis chapter's figure, and the figure itself."""
+"""vaelib.book.synthesis: the frames of the synthesis chapter's figure, and its Monte Carlo helpers."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import sys
-import types
 
 import matplotlib
 import pytest
@@ -14,7 +10,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vaelib
-from vaelib.synthesis import GapFrames, gap_frames, interactive, plot_frame, slider_html
+from vaelib.book.synthesis import gap_frames
 
 matplotlib.use("Agg")
 
@@ -95,49 +91,13 @@ def test_argument_errors(setup, change, error, match):
         gap_frames(**kwargs)
 
 
-def test_slider_html_embeds_every_frame_and_fetches_nothing(setup):
-    """The page holds all frames as JSON, two range inputs, and no address to load anything from."""
-    _, _, frames = setup
-    html = slider_html(frames, element_id="fig-1")
-    (payload,) = re.findall(r'<script type="application/json" class="frames">(.*?)</script>', html, re.S)
-    data = json.loads(payload)
-    assert len(data["bounds"]) == len(data["loc"]) == 9
-    assert data["ks"] == [1, 4, 64]
-    # frame (i, j) sits at i * W + j, and its first bound is the ELBO
-    assert data["bounds"][2 * 3 + 1][0] == pytest.approx(frames.elbo[2, 1].item(), abs=1e-4)
-    assert data["kl_posterior"][5] == pytest.approx(frames.kl_posterior[1, 2].item(), abs=1e-4)
-    assert html.count('type="range"') == 2 and 'id="fig-1"' in html and '("fig-1")' in html
-    assert not re.search(r"(src|href)=|https?://(?!www\.w3\.org/2000/svg)", html)
-    assert "__" not in html.replace("__proto__", "")
-
-
-def test_slider_html_argument_errors(setup):
-    _, _, frames = setup
-    with pytest.raises(TypeError, match="frames"):
-        slider_html({"elbo": 1})
-    with pytest.raises(ValueError, match="element_id"):
-        slider_html(frames, element_id='a" onload="x')
-
-
-def test_plot_frame_and_interactive(setup, monkeypatch):
-    """plot_frame draws two panels; interactive is None without ipywidgets."""
-    _, _, frames = setup
-    fig = plot_frame(frames, 0, 2)
-    assert len(fig.axes) == 2
-    with pytest.raises(ValueError, match="i, j"):
-        plot_frame(frames, 3, 0)
-    monkeypatch.setitem(sys.modules, "ipywidgets", None)
-    assert interactive(frames) is None
-    assert isinstance(frames, GapFrames)
-
-
 def test_jensen_gap_is_the_kl_to_the_posterior(setup):
     """The Monte Carlo Jensen gap meets the closed-form KL(q || p(z|x)) within 4 standard errors."""
     toy, x, _ = setup
     torch.manual_seed(4)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean + 0.3, 1.4 * posterior.stddev), 1)
-    gap, se = vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
+    gap, se = vaelib.book.synthesis.jensen_gap(x, q, toy.log_joint, n=100_000)
     exact = toy.log_marginal(x) - toy.elbo(x, q)
     assert gap.shape == (1,) and se.shape == (1,)
     assert gap > 4 * se and abs(gap - exact) < 4 * se
@@ -149,8 +109,8 @@ def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
     torch.manual_seed(5)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean - 0.4, 1.2 * posterior.stddev), 1)
-    L1, se1 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
-    L20, se20 = vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
+    L1, se1 = vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 1, draws=50_000)
+    L20, se20 = vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 20, draws=50_000)
     assert abs(L1 - toy.elbo(x, q)[0]) < 4 * se1
     assert L20 - L1 > 4 * math.hypot(se1, se20)
     assert L20 < toy.log_marginal(x)[0] + 4 * se20
@@ -160,30 +120,8 @@ def test_monte_carlo_helpers_argument_errors(setup):
     toy, x, _ = setup
     q = toy.posterior(x)
     with pytest.raises(ValueError, match="n"):
-        vaelib.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
+        vaelib.book.synthesis.jensen_gap(x, q, toy.log_joint, n=1)
     with pytest.raises(ValueError, match="draws"):
-        vaelib.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
+        vaelib.book.synthesis.bound_estimate(x, q, toy.log_joint, 10, draws=15)
     with pytest.raises(ValueError, match="x"):
-        vaelib.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)
-
-
-def test_interactive_wires_two_sliders_to_plot_frame(setup, monkeypatch):
-    """With ipywidgets present, interactive() builds two integer sliders over the frames and draws a frame."""
-    _, _, frames = setup
-    calls = {}
-
-    class IntSlider:
-        def __init__(self, value, min, max):
-            self.value, self.min, self.max = value, min, max
-
-    def fake_interactive(function, **sliders):
-        calls.update(sliders)
-        function(**{name: s.value for name, s in sliders.items()})
-        return "widget"
-
-    fake = types.SimpleNamespace(IntSlider=IntSlider, interactive=fake_interactive)
-    monkeypatch.setitem(sys.modules, "ipywidgets", fake)
-    assert interactive(frames) == "widget"
-    assert (calls["shift"].min, calls["shift"].max, calls["width"].max) == (0, 2, 2)
-    # the frame nearest shift 1 and width 1.5 (1 and 2 are as near; the first wins)
-    assert calls["shift"].value == 2 and calls["width"].value == 1
+        vaelib.book.synthesis.bound_estimate(x.expand(2, -1), q, toy.log_joint, 1, draws=10)

@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vaelib
-from vaelib import threads
+from vaelib._runtime import thread_policy, threads
 from vaelib.estimators import gradient_samples
 
 DEFAULT = 2  # the count torch "started with" in these tests, whatever the machine has
@@ -16,9 +16,9 @@ DEFAULT = 2  # the count torch "started with" in these tests, whatever the machi
 @pytest.fixture
 def policy(monkeypatch):
     """The policy as a reader meets it: no thread variables, torch at its starting count, an idle machine."""
-    for name in (*threads.THREAD_VARIABLES, threads.POLICY_VARIABLE):
+    for name in (*thread_policy.THREAD_VARIABLES, thread_policy.POLICY_VARIABLE):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(threads, "_TORCH_DEFAULT", DEFAULT)
+    monkeypatch.setattr(thread_policy, "_TORCH_DEFAULT", DEFAULT)
     monkeypatch.setattr(threads, "machine_busy", lambda: False)
     monkeypatch.setattr(threads, "_MEMORY", {})
     before = torch.get_num_threads()
@@ -46,23 +46,23 @@ def _large_vae() -> vaelib.VAE:
 
 def test_options_for_small_and_large_work(policy):
     """Small work gets one thread without timing; large work times one thread against torch's count."""
-    assert threads.thread_options("cpu", threads.SMALL_WORK - 1) == (1,)
-    assert threads.thread_options("cpu", threads.SMALL_WORK) == (1, DEFAULT)
-    assert threads.thread_options("cpu", 10**9) == (1, DEFAULT)
+    assert thread_policy.thread_options("cpu", thread_policy.SMALL_WORK - 1) == (1,)
+    assert thread_policy.thread_options("cpu", thread_policy.SMALL_WORK) == (1, DEFAULT)
+    assert thread_policy.thread_options("cpu", 10**9) == (1, DEFAULT)
 
 
 def test_book_models_are_large_and_toys_small():
     """The book's training model is timed at batch 100; the linear-Gaussian toy is small."""
-    assert threads.matmul_work(_large_vae(), 100) == 100 * 128 * 128 >= threads.SMALL_WORK
+    assert thread_policy.matmul_work(_large_vae(), 100) == 100 * 128 * 128 >= thread_policy.SMALL_WORK
     toy = vaelib.LinearGaussian.random(x_dim=3, z_dim=2, noise_std=0.5, seed=1)
-    assert threads.matmul_work(toy, 1000) == 1000 * 3 * 2 < threads.SMALL_WORK
+    assert thread_policy.matmul_work(toy, 1000) == 1000 * 3 * 2 < thread_policy.SMALL_WORK
 
 
 def test_no_options_off_the_cpu_or_when_turned_off(policy, monkeypatch):
     """Another device, or VAELIB_CPU_THREADS=torch, leaves the count alone."""
-    assert threads.thread_options("meta", 10**9) == ()
-    monkeypatch.setenv(threads.POLICY_VARIABLE, "torch")
-    assert threads.thread_options("cpu", 10**9) == ()
+    assert thread_policy.thread_options("meta", 10**9) == ()
+    monkeypatch.setenv(thread_policy.POLICY_VARIABLE, "torch")
+    assert thread_policy.thread_options("cpu", 10**9) == ()
 
 
 @pytest.mark.parametrize("how", ["set_num_threads", "OMP_NUM_THREADS", "MKL_NUM_THREADS"])
@@ -73,8 +73,8 @@ def test_an_explicit_count_is_respected(policy, monkeypatch, digits, how):
     else:
         monkeypatch.setenv(how, str(DEFAULT))
     expected = torch.get_num_threads()
-    assert threads.caller_chose_threads()
-    assert threads.thread_options("cpu", 1) == ()
+    assert thread_policy.caller_chose_threads()
+    assert thread_policy.thread_options("cpu", 1) == ()
     seen = []
     vaelib.fit(
         _small_vae(),
@@ -156,11 +156,11 @@ def test_gradient_samples_restore_the_count(policy, toy, toy_data):
 
 def test_cpu_threads_restores_after_an_error(policy):
     """The one-off context manager restores the count when its block raises."""
-    with pytest.raises(KeyError), threads.cpu_threads("cpu", 1) as n:
+    with pytest.raises(KeyError), thread_policy.cpu_threads("cpu", 1) as n:
         assert n == 1 == torch.get_num_threads()
         raise KeyError("x")
     assert torch.get_num_threads() == DEFAULT
-    with threads.cpu_threads("cpu", 10**9) as n:
+    with thread_policy.cpu_threads("cpu", 10**9) as n:
         assert n == DEFAULT  # large one-off work keeps torch's count
 
 

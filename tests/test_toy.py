@@ -106,3 +106,73 @@ def test_bad_arguments():
         vaelib.LinearGaussian.random(x_dim=0, z_dim=1)
     with pytest.raises(ValueError, match="b: expected shape"):
         vaelib.LinearGaussian(W=torch.ones(3, 2), b=torch.ones(2), noise_std=1.0)
+
+
+# -- linear_gaussian_vae ---------------------------------------------------------
+
+
+@pytest.fixture
+def toy1() -> vaelib.LinearGaussian:
+    return vaelib.LinearGaussian.random(x_dim=3, z_dim=1, noise_std=0.4, seed=4)
+
+
+def test_linear_gaussian_vae_decoder_is_the_toy_likelihood(toy1):
+    """The decoder's Gaussian scores x exactly as the linear-Gaussian likelihood does."""
+    vae = vaelib.toy.linear_gaussian_vae(toy1)
+    x, _ = toy1.sample(5, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(7, 5, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(vae.decode(z).log_prob(x), toy1.likelihood(z).log_prob(x), rtol=0, atol=1e-12)
+
+
+def test_linear_gaussian_vae_exact_encoder_is_the_posterior(toy1):
+    """With the default factors q(z|x) is p(z|x), so the ELBO equals log p(x) for any k."""
+    vae = vaelib.toy.linear_gaussian_vae(toy1)
+    x, _ = toy1.sample(6, generator=torch.Generator().manual_seed(3))
+    post = toy1.posterior(x)
+    q = vae.encode(x)
+    torch.testing.assert_close(q.mean, post.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.variance, post.covariance_matrix.diagonal(dim1=-2, dim2=-1), rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    torch.testing.assert_close(vae.elbo(x, k=3).detach(), toy1.log_marginal(x), rtol=0, atol=1e-9)
+
+
+def test_linear_gaussian_vae_poorer_encoder_matches_closed_form_elbo(toy1):
+    """A shrunk, widened q: the Monte Carlo ELBO agrees with toy.elbo within 4 SE, and lies below log p(x)."""
+    vae = vaelib.toy.linear_gaussian_vae(toy1, mean_factor=0.8, scale_factor=1.3)
+    x, _ = toy1.sample(5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        closed = toy1.elbo(x, vae.encode(x))  # (5,)
+        log_w = vae.log_weights(x, k=20_000, seed=6)  # (20000, 5)
+    mc, se = log_w.mean(0), log_w.std(0) / log_w.shape[0] ** 0.5
+    assert bool(((mc - closed).abs() < 4 * se).all())
+    # the encoder is really poorer: the closed-form gap is far above the Monte Carlo error
+    assert bool((toy1.log_marginal(x) - closed > 10 * se).all())
+
+
+def test_linear_gaussian_vae_orthogonal_columns():
+    """With orthogonal columns of W the posterior is diagonal for z_dim > 1, and the ELBO is tight."""
+    q_mat, _ = torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    W = q_mat * torch.tensor([2.0, 0.5], dtype=torch.float64)  # (5, 2), orthogonal columns of unequal length
+    toy = vaelib.LinearGaussian(W=W, b=torch.arange(5.0, dtype=torch.float64), noise_std=0.3)
+    vae = vaelib.toy.linear_gaussian_vae(toy)
+    x, _ = toy.sample(4, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(vae.elbo(x, k=2).detach(), toy.log_marginal(x), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        ((object(),), {}, TypeError, "toy: expected a vaelib.LinearGaussian"),
+        (("toy2",), {}, ValueError, "toy: the exact posterior covariance"),
+        (("toy1",), {"scale_factor": 0.0}, ValueError, "scale_factor: expected a positive"),
+        (("toy1",), {"mean_factor": float("nan")}, ValueError, "mean_factor: expected a finite"),
+        (("toy1",), {"mean_factor": "0.5"}, TypeError, "mean_factor: expected a number"),
+        (("toy1",), {"scale_factor": 1e-9}, ValueError, "scale_factor: the encoder's scales"),
+    ],
+)
+def test_linear_gaussian_vae_bad_arguments(toy1, args, kwargs, error, message):
+    """Wrong types, non-finite or non-positive factors and a non-diagonal posterior are refused."""
+    toys = {"toy1": toy1, "toy2": vaelib.LinearGaussian.random(x_dim=3, z_dim=2, seed=0)}
+    args = tuple(toys.get(a, a) if isinstance(a, str) else a for a in args)
+    with pytest.raises(error, match=message):
+        vaelib.toy.linear_gaussian_vae(*args, **kwargs)

@@ -186,7 +186,7 @@ def test_training_steps_use_the_asked_matmul_precision(digits, precision):
 def test_matmul_precision_is_restored_after_an_error():
     """An exception inside the block leaves the caller's precision in place."""
     before = torch.get_float32_matmul_precision()
-    with pytest.raises(RuntimeError, match="inside"), vaelib.devices.float32_matmul_precision("medium"):
+    with pytest.raises(RuntimeError, match="inside"), vaelib._runtime.devices.float32_matmul_precision("medium"):
         assert torch.get_float32_matmul_precision() == "medium"
         raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == before
@@ -204,7 +204,7 @@ def test_reduced_matmul_precision_barely_moves_the_bound(digits):
     bounds = {}
     for precision in ("highest", "medium"):
         torch.manual_seed(1)
-        with torch.no_grad(), vaelib.devices.float32_matmul_precision(precision):
+        with torch.no_grad(), vaelib._runtime.devices.float32_matmul_precision(precision):
             bounds[precision] = vae.elbo(x, k=10).double()
     difference = bounds["medium"] - bounds["highest"]
     assert difference.abs().mean() < 0.01

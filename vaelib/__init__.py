@@ -3,36 +3,41 @@
 Bounds on log p(x) from importance weights, an exact linear-Gaussian toy model,
 a variational autoencoder built from ``torch.distributions``, a device-resident
 training loop, importance-sampled evaluation and data loaders.
+
+The math sits at the top, one module per idea (:mod:`vaelib.bounds`,
+:mod:`vaelib.toy`, :mod:`vaelib.models`, ...); the training engine is in
+:mod:`vaelib.training` and what only the book's chapters use is in
+:mod:`vaelib.book`. The names below are the curated shorthand ``vaelib.X``.
 """
 
 from vaelib import (
     anomaly,
-    batches,
-    callbacks,
+    book,
     data,
-    devices,
-    distributed,
     flows,
     gaps,
     objectives,
-    plot,
     rate_distortion,
-    synthesis,
+    training,
 )
+from vaelib._io.atomic import WriteError
+from vaelib._io.lock import RunLocked
+from vaelib._runtime.devices import default_device, training_precision
+from vaelib.bimodal import Bimodal
+from vaelib.book.glue import glue
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
-from vaelib.callbacks import EarlyStopping
-from vaelib.checkpoint import CheckpointError, load, save
-from vaelib.devices import default_device, training_precision
 from vaelib.estimators import elbo_surrogate
 from vaelib.evaluate import active_units, latent_activity, log_likelihood
-from vaelib.glue import glue
-from vaelib.history import History
 from vaelib.iwae_gradients import iwae_surrogate
-from vaelib.models import VAE, MLPConfig
+from vaelib.models import VAE
+from vaelib.networks import MLPConfig
 from vaelib.objectives import ELBO, IWAE, BetaELBO, Renyi
 from vaelib.renyi import renyi_from_log_weights
-from vaelib.toy import Bimodal, LinearGaussian, as_multivariate_normal
+from vaelib.toy import LinearGaussian, as_multivariate_normal
 from vaelib.train import TrainingDiverged, fit
+from vaelib.training.callbacks import EarlyStopping
+from vaelib.training.history import History
+from vaelib.training.model_file import CheckpointError, load, save
 
 __version__ = "0.1.0"
 
@@ -48,17 +53,16 @@ __all__ = [
     "LinearGaussian",
     "MLPConfig",
     "Renyi",
+    "RunLocked",
     "TrainingDiverged",
+    "WriteError",
     "__version__",
     "active_units",
     "anomaly",
     "as_multivariate_normal",
-    "batches",
-    "callbacks",
+    "book",
     "data",
     "default_device",
-    "devices",
-    "distributed",
     "elbo_from_log_weights",
     "elbo_surrogate",
     "fit",
@@ -72,10 +76,9 @@ __all__ = [
     "log_likelihood",
     "log_weights",
     "objectives",
-    "plot",
     "rate_distortion",
     "renyi_from_log_weights",
     "save",
-    "synthesis",
+    "training",
     "training_precision",
 ]

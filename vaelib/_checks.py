@@ -151,3 +151,11 @@ def check_data(
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name}: a Bernoulli likelihood needs values in [0, 1], got values in [{lo:g}, {hi:g}]")
     return t
+
+
+def check_log_weights(log_w: Tensor) -> None:
+    """Refuse log importance weights that are not a tensor of shape ``(k, ...)`` with ``k >= 1``."""
+    if not isinstance(log_w, Tensor):
+        raise TypeError(f"log_w: expected a torch.Tensor, got {type(log_w).__name__}")
+    if log_w.dim() < 1 or log_w.shape[0] < 1:
+        raise ValueError(f"log_w: expected shape (k, batch) with k >= 1, got {tuple(log_w.shape)}")

@@ -20,16 +20,9 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vaelib._checks import check_nonnegative_int, check_positive_int
+from vaelib._checks import check_log_weights, check_nonnegative_int, check_positive_int
 
 __all__ = ["elbo_from_log_weights", "iwae_from_log_weights", "log_weights"]
-
-
-def _check_log_weights(log_w: Tensor) -> None:
-    if not isinstance(log_w, Tensor):
-        raise TypeError(f"log_w: expected a torch.Tensor, got {type(log_w).__name__}")
-    if log_w.dim() < 1 or log_w.shape[0] < 1:
-        raise ValueError(f"log_w: expected shape (k, batch) with k >= 1, got {tuple(log_w.shape)}")
 
 
 def elbo_from_log_weights(log_w: Tensor) -> Tensor:
@@ -56,7 +49,7 @@ def elbo_from_log_weights(log_w: Tensor) -> Tensor:
     ----------
     Kingma and Welling (2013), "Auto-Encoding Variational Bayes", eq. (3).
     """
-    _check_log_weights(log_w)
+    check_log_weights(log_w)
     return log_w.mean(dim=0)
 
 
@@ -87,7 +80,7 @@ def iwae_from_log_weights(log_w: Tensor) -> Tensor:
     Burda, Grosse and Salakhutdinov (2015), "Importance Weighted
     Autoencoders", eq. (8).
     """
-    _check_log_weights(log_w)
+    check_log_weights(log_w)
     k = log_w.shape[0]
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 

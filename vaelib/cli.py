@@ -26,32 +26,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED, check_architecture
-from vaelib._lock import RunLocked, exclusive
-from vaelib._progress import progress_enabled
+from vaelib._checks import check_architecture
+from vaelib._cli_parser import EXIT_ERROR, make_parser
+from vaelib._io.atomic import atomic_write, remove_stale_temporaries
+from vaelib._io.lock import RunLocked, exclusive
+from vaelib._runtime.devices import resolve_device, training_precision
+from vaelib._runtime.progress import progress_enabled
 from vaelib._stats import mean_se
-from vaelib.checkpoint import atomic_write, load, remove_stale_temporaries, verify_training_checkpoint
 from vaelib.data import binarize, load_digits, load_mnist
-from vaelib.devices import resolve_device, training_precision
-from vaelib.distributed import init_from_env, rank_and_world_size, shutdown
 from vaelib.evaluate import log_likelihood
-from vaelib.history import History
-from vaelib.iwae_gradients import IWAE_ESTIMATORS
-from vaelib.models import ACTIVATIONS, VAE
+from vaelib.models import VAE
 from vaelib.objectives import (
     ELBO,
     IWAE,
@@ -65,78 +61,23 @@ from vaelib.objectives import (
     validation_objective,
 )
 from vaelib.train import TrainingDiverged, fit, run_settings
+from vaelib.training.checkpoint import verify_training_checkpoint
+from vaelib.training.distributed import init_from_env, rank_and_world_size, shutdown
+from vaelib.training.history import History
+from vaelib.training.model_file import load
+from vaelib.training.run_folder import CHECKPOINT, LOCK, METRICS, RUN, SAMPLES, check_out, read_run, write_json
 
 __all__ = ["build_parser", "main"]
 
-EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-RUN, CHECKPOINT, METRICS, SAMPLES = "run.json", "checkpoint.pt", "metrics.json", "samples.png"
-LOCK = f".{CHECKPOINT}.lock"  # the lock fit takes on the checkpoint, taken first for the whole folder
 X_DIM = {"digits": 64, "mnist": 784}
 # Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES);
 # the objective, with every field, is compared as its value records it.
 _FIXED = "data z_dim hidden activation likelihood objective batch_size lr seed".split()
 
-EPILOG = """examples:
-  vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5
-  vaelib train --data digits --objective iwae --k 5 --epochs 50 --out runs/iwae5 --resume
-  vaelib train --data mnist --root data/mnist --download --z-dim 50 --out runs/mnist
-  vaelib evaluate runs/iwae5 --k 5000
-  torchrun --nproc-per-node 4 -m vaelib train --data mnist --root data/mnist --out runs/mnist
-
-errors print one line and exit with status 2; an interrupted run exits with 130
-(143 for SIGTERM, 129 for SIGHUP) and continues with --resume."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not the usage block
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:  # required options, flags
-            return action.help or ""
-        return super()._get_help_string(action) or ""
-
-
-def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
 
 # --objective NAME: the objective value it builds, and the flags that set its fields.
-CLI_OBJECTIVES: dict[str, tuple[Callable[..., Objective], dict[str, str]]] = {
+_BUILDS: dict[str, tuple[Callable[..., Objective], dict[str, str]]] = {
     "elbo": (ELBO, {"k": "k", "analytic_kl": "analytic_kl"}),
     "iwae": (IWAE, {"k": "k", "estimator": "estimator"}),
     "beta-elbo": (BetaELBO, {"k": "k", "beta": "beta", "warmup_epochs": "warmup_epochs", "free_bits": "free_bits"}),
@@ -147,12 +88,12 @@ _OBJECTIVE_FLAGS = ("k", "analytic_kl", "estimator", "beta", "warmup_epochs", "f
 
 def objective_from_args(args: argparse.Namespace) -> Objective:
     """The objective value that ``--objective`` and its flags describe (the same classes as ``fit`` takes)."""
-    make, fields = CLI_OBJECTIVES[args.objective]
+    make, fields = _BUILDS[args.objective]
     given = {flag: getattr(args, flag) for flag in _OBJECTIVE_FLAGS if getattr(args, flag) not in (None, False)}
     stray = [flag for flag in given if flag not in fields]
     if stray:
         flag = stray[0].replace("_", "-")
-        users = [name for name, (_, f) in CLI_OBJECTIVES.items() if stray[0] in f]
+        users = [name for name, (_, f) in _BUILDS.items() if stray[0] in f]
         raise ValueError(f"--{flag}: applies to --objective {' or '.join(users)} only, not {args.objective}")
     if args.objective == "renyi" and "alpha" not in given:
         raise ValueError("--alpha: --objective renyi needs its alpha, a number in [0, 1)")
@@ -173,93 +114,7 @@ def _label(objective: Objective) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vaelib`` argument parser, with its ``train`` and ``evaluate`` commands."""
-    parser = _Parser(prog="vaelib", description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_Formatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
-    t = commands.add_parser(
-        "train",
-        help="train a VAE, checkpointing every epoch",
-        description="Train a fully connected VAE (VAE.mlp) with Adam on a bound. Writes into --out:\n"
-        "run.json (the options), checkpoint.pt (after every epoch), then metrics.json and samples.png.",
-        epilog=EPILOG,
-        formatter_class=_Formatter,
-    )
-    t.add_argument("--out", required=True, metavar="DIR", help="folder for the run's files (created if needed)")
-    t.add_argument(
-        "--data", choices=("digits", "mnist"), default="digits", help="data set: the embedded 8x8 digits or MNIST"
-    )
-    t.add_argument("--root", metavar="DIR", help="folder of the four MNIST IDX files (needed with --data mnist)")
-    t.add_argument("--download", action="store_true", help="fetch missing MNIST files (each checked by SHA-256)")
-    t.add_argument("--objective", choices=tuple(CLI_OBJECTIVES), default="elbo", help="bound to maximize")
-    t.add_argument(
-        "--k",
-        type=_int_at_least(1),
-        help="importance samples per data point in training (default: 1 for elbo and beta-elbo, 5 for iwae and renyi)",
-    )
-    t.add_argument("--analytic-kl", action="store_true", help="closed-form KL term (with --objective elbo only)")
-    t.add_argument("--estimator", choices=IWAE_ESTIMATORS, help="gradient estimator (with --objective iwae only)")
-    t.add_argument("--beta", type=_nonnegative_float, help="KL weight (with --objective beta-elbo only; default 1)")
-    t.add_argument(
-        "--warmup-epochs", type=_int_at_least(0), help="epochs of linear KL warm-up (with --objective beta-elbo only)"
-    )
-    t.add_argument(
-        "--free-bits", type=_nonnegative_float, help="free bits per latent dimension (with --objective beta-elbo only)"
-    )
-    t.add_argument("--alpha", type=_nonnegative_float, help="Renyi alpha in [0, 1) (with --objective renyi; needed)")
-    t.add_argument("--epochs", type=_int_at_least(0), default=50, help="total passes over the training data")
-    t.add_argument("--batch-size", type=_int_at_least(1), default=100, help="data points per gradient step")
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    t.add_argument(
-        "--seed", type=_int_at_least(0, MAX_SEED), default=0, help="seeds the initial weights and every epoch (64 bits)"
-    )
-    t.add_argument("--z-dim", type=_int_at_least(1), default=10, help="latent dimension")
-    t.add_argument("--hidden", type=_int_at_least(1), nargs="+", default=[200, 200], help="hidden layer sizes")
-    t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh", help="hidden-layer nonlinearity")
-    t.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli", help="family of p(x | z)")
-    t.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
-    t.add_argument(
-        "--matmul-precision",
-        choices=MATMUL_PRECISIONS,
-        default="medium",
-        help="float32 matrix products in training: 'medium' allows TF32 (GPU) or bfloat16 (CPU with AMX)",
-    )
-    t.add_argument("--test-k", type=_int_at_least(1), default=100, help="importance samples for the test log p(x)")
-    t.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt after an interruption")
-    t.set_defaults(func=train)
-    e = commands.add_parser(
-        "evaluate",
-        help="importance-sampled test log-likelihood of a trained run",
-        description="Load RUN/checkpoint.pt and print the importance-sampled log p(x) (Burda et al. 2015,\n"
-        "section 5.1), averaged over the test set of the data the run was trained on.",
-        epilog=EPILOG,
-        formatter_class=_Formatter,
-    )
-    e.add_argument("run", metavar="RUN", help="a folder written by 'vaelib train'")
-    e.add_argument("--k", type=_int_at_least(1), default=5000, help="importance samples per test image")
-    e.add_argument("--batch-size", type=_int_at_least(1), help="test images per pass (default: chosen from the device)")
-    e.add_argument("--root", metavar="DIR", help="folder of the MNIST files, if not where the run found them")
-    e.add_argument("--device", default="auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'")
-    e.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="seeds the importance samples")
-    e.set_defaults(func=evaluate)
-    return parser
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    def write(f: BinaryIO) -> None:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
-
-    atomic_write(path, write)
-
-
-def _read_run(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-        if not (isinstance(config, dict) and config.get("format") == "vaelib-run" and "data" in config):
-            raise ValueError("no 'vaelib-run' header")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; is {path.parent} a folder written by 'vaelib train'?") from None
-    except ValueError as err:  # also json.JSONDecodeError
-        raise ValueError(f"{path}: not a run file of 'vaelib train' ({err})") from err
-    return config
+    return make_parser(__doc__.split("\n")[0], train=train, evaluate=evaluate)
 
 
 def _load_data(data: str, root: str | None, download: bool) -> tuple[Tensor, Tensor]:
@@ -298,7 +153,7 @@ def _draw(vae: VAE, test_x: Tensor, path: Path, seed: int) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vaelib.plot import samples_and_reconstructions
+    from vaelib.book.plot import samples_and_reconstructions
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -306,47 +161,6 @@ def _draw(vae: VAE, test_x: Tensor, path: Path, seed: int) -> bool:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
-
-
-def _is_run(out: Path) -> bool:
-    """Whether ``out`` holds a run of 'vaelib train' (a run file or a checkpoint)."""
-    if (out / CHECKPOINT).exists():
-        return True
-    try:
-        _read_run(out / RUN)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _check_out(out: Path, text: str, resume: bool) -> None:
-    """Refuse an empty --out, a file, a folder of other things, and an existing run without --resume."""
-    if not text.strip():
-        raise ValueError("--out: expected a folder name, got an empty string")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} is a file, not a folder")
-    if not out.is_dir():
-        return
-    if _is_run(out):
-        if not resume:
-            raise ValueError(
-                f"{out} already holds a run ({out / CHECKPOINT if (out / CHECKPOINT).exists() else out / RUN}); "
-                "add --resume to continue it or choose another --out"
-            )
-        if (out / CHECKPOINT).exists() and not (out / CHECKPOINT).is_file():
-            raise ValueError(f"--resume: {out / CHECKPOINT} is a folder, not a checkpoint file")
-        return
-    ours = (RUN, CHECKPOINT, METRICS, SAMPLES)
-    others = sorted(
-        p.name
-        for p in out.iterdir()
-        if not (p.name == LOCK or any(p.name.startswith(f".{name}.") and p.name.endswith(".tmp") for name in ours))
-    )
-    if others:
-        raise ValueError(
-            f"--out: {out} is not empty and not a run of 'vaelib train' (it holds {', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder"
-        )
 
 
 def train(args: argparse.Namespace) -> int:
@@ -364,7 +178,7 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: the global batch of {args.batch_size} does not split among {world_size} ranks")
     if rank != 0:
         return _train_rank(args, objective, checkpoint, device)
-    _check_out(out, args.out, args.resume)
+    check_out(out, args.out, args.resume)
     train_x, test_x = _load_data(args.data, args.root, args.download)
     if world_size > 1:
         dist.barrier()  # the data are here: the other ranks may read them
@@ -374,7 +188,7 @@ def train(args: argparse.Namespace) -> int:
     config["objective"] = settings_of(objective)
     config["matmul_precision"] = args.matmul_precision  # may change on --resume
     with exclusive(out / LOCK, f"the run folder {out}"):
-        _check_out(out, args.out, args.resume)  # again, now that no other run can change it
+        check_out(out, args.out, args.resume)  # again, now that no other run can change it
         return _train_locked(args, objective, out, checkpoint, config, device, train_x, test_x)
 
 
@@ -412,7 +226,7 @@ def _train_locked(
 ) -> int:
     """The part of ``vaelib train`` that runs while this process holds the folder's lock."""
     if args.resume and (out / RUN).exists():
-        saved = upgrade_settings(_read_run(out / RUN))  # a run folder of an earlier version names the objective
+        saved = upgrade_settings(read_run(out / RUN))  # a run folder of an earlier version names the objective
         saved["objective"] = describe(saved.get("objective"))
         config = config | {"objective": describe(config["objective"])}
         changed = [
@@ -428,7 +242,7 @@ def _train_locked(
     if args.resume and checkpoint.exists():  # every check of the resume, before run.json is written
         settings = run_settings(objective, args.batch_size, args.lr, args.seed)
         verify_training_checkpoint(checkpoint, vae, settings, epochs=args.epochs)
-    _write_json(out / RUN, config | {"objective": settings_of(objective)})
+    write_json(out / RUN, config | {"objective": settings_of(objective)})
     label = _label(objective)
     show_bar = sys.stdout.isatty() and progress_enabled(None)
     options = _fit_options(args, objective, checkpoint, device) | {"progress": show_bar}
@@ -457,7 +271,7 @@ def _train_locked(
         "test_log_likelihood": {"k": args.test_k, "nats": float(ll.mean()), "standard_error": mean_se(ll)[1]},
         "n_test": test.shape[0],
     }
-    _write_json(out / METRICS, metrics)
+    write_json(out / METRICS, metrics)
     drawn = _draw(vae, test_x, out / SAMPLES, args.seed)
     print(
         f"test {_label(scored)} {metrics['test_bound']['nats']:.3f} nats; test log p(x) {float(ll.mean()):.3f} nats "
@@ -474,7 +288,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{checkpoint}: a folder, not a checkpoint file")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no checkpoint; is {run} a folder written by 'vaelib train'?")
-    config = _read_run(run / RUN)
+    config = read_run(run / RUN)
     device = resolve_device(args.device)
     vae = load(checkpoint, device=device)
     _, test_x = _load_data(config["data"], args.root or config.get("root"), download=False)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelib._download import fetch
+from vaelib._io.download import fetch
 
 __all__ = [
     "MNIST_FILES",

@@ -22,21 +22,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from vaelib._checks import check_choice, check_positive_int
+from vaelib._runtime.threads import compute_threads
 from vaelib.models import VAE
-from vaelib.threads import StepThreads, cpu_threads, matmul_work
+from vaelib.protocols import JointModel
 from vaelib.toy import as_multivariate_normal
 
 __all__ = [
     "ESTIMATORS",
     "GradientStatistics",
-    "LatentModel",
     "elbo_surrogate",
     "gradient_samples",
     "gradient_statistics",
@@ -49,20 +49,7 @@ ESTIMATORS = ("reparam", "score", "analytic_kl")
 Estimator = Literal["reparam", "score", "analytic_kl"]
 
 
-class LatentModel(Protocol):
-    """Anything with a prior over z and a joint density (``LinearGaussian``, ``VAE``, your own model).
-
-    The ``"analytic_kl"`` estimator also needs the likelihood :math:`p(x \\mid z)`, as
-    ``decode(z)`` or ``likelihood(z)``, returning a distribution.
-    """
-
-    @property
-    def prior(self) -> Distribution: ...
-
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor: ...
-
-
-def _likelihood(model: LatentModel, z: Tensor) -> Distribution:
+def _likelihood(model: JointModel, z: Tensor) -> Distribution:
     decode = getattr(model, "decode", None)
     if isinstance(model, VAE) or callable(decode):
         decoded: Distribution = model.decode(z)  # type: ignore[attr-defined]
@@ -88,7 +75,7 @@ def kl(q: Distribution, p: Distribution) -> Tensor:
 def elbo_surrogate(
     x: Tensor,
     q: Distribution,
-    model: LatentModel,
+    model: JointModel,
     k: int = 1,
     *,
     estimator: Estimator = "reparam",
@@ -100,7 +87,7 @@ def elbo_surrogate(
     x : Tensor, shape (batch, x_dim)
     q : Distribution
         Approximate posterior, batch shape ``(batch,)``, event shape ``(z_dim,)``.
-    model : LatentModel
+    model : JointModel
         Supplies ``prior`` and ``log_joint`` (and, for ``"analytic_kl"``, the
         likelihood as ``decode(z)`` or ``likelihood(z)``): a ``LinearGaussian``,
         a ``VAE`` or any model of the same shape.
@@ -132,7 +119,7 @@ def gradient_samples(
     x: Tensor,
     q_params: list[Tensor],
     make_q: Callable[..., Distribution],
-    model: LatentModel,
+    model: JointModel,
     *,
     estimator: Estimator | Callable[..., Tensor],
     n: int,
@@ -172,7 +159,7 @@ def gradient_samples(
     -----
     On a CPU the work runs on one thread or on torch's count, whichever suits
     its size (and, one estimate at a time, whichever is faster at the moment),
-    unless the caller set the count; see :mod:`vaelib.threads`.
+    unless the caller set the count; see :mod:`vaelib._runtime.threads`.
     """
     check_positive_int(n, "n")
     check_positive_int(k, "k")
@@ -183,16 +170,16 @@ def gradient_samples(
         surrogate = functools.partial(elbo_surrogate, estimator=estimator)
     batch = x.shape[0] if x.dim() > 1 else 1
     if batched:
-        with cpu_threads(x.device, matmul_work(model, n * batch * k)):
+        with compute_threads(x.device, model, n * batch * k, once=True):
             copies = [p.detach().repeat(n, *[1] * (p.dim() - 1)).requires_grad_() for p in q_params]  # (n * batch, ...)
             xs = x.repeat(n, *[1] * (x.dim() - 1))  # (n * batch, x_dim)
             value = surrogate(xs, make_q(*copies), model, k).sum()
             grads = torch.autograd.grad(value, copies)
             return torch.cat([g.reshape(n, -1) for g in grads], dim=1)  # (n, n_params)
     rows = []
-    with StepThreads(x.device, matmul_work(model, batch * k)) as threads:
+    with compute_threads(x.device, model, batch * k) as step:
         for _ in range(n):
-            with threads.step():
+            with step():
                 value = surrogate(x, make_q(*q_params), model, k).sum()
                 grads = torch.autograd.grad(value, q_params)
                 rows.append(torch.cat([g.reshape(-1) for g in grads]))

@@ -1,6 +1,6 @@
 """Evaluating a latent variable model: importance-sampled log-likelihood with diagnostics, active units.
 
-Any model with an amortized posterior works (:class:`AmortizedModel`): a
+Any model with an amortized posterior works (:class:`~vaelib.protocols.AmortizedModel`): a
 :class:`~vaelib.models.VAE`, or a model of your own written with
 ``torch.distributions``, such as a probabilistic PCA.
 """
@@ -10,40 +10,24 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Protocol, overload, runtime_checkable
+from typing import Literal, overload
 
 import numpy as np
 import torch
 from numpy import ndarray
 from torch import Tensor
-from torch.distributions import Distribution
 
 from vaelib._checks import LIKELIHOODS, check_data, check_nonnegative_int, check_positive_float, check_positive_int
-from vaelib._progress import progress_bar, progress_enabled
+from vaelib._runtime.progress import progress_bar, progress_enabled
+from vaelib._runtime.threads import compute_threads
 from vaelib.data import bernoulli_draw
-from vaelib.threads import StepThreads, cpu_threads, matmul_work
+from vaelib.protocols import AmortizedModel
 
-__all__ = ["AmortizedModel", "LogLikelihood", "active_units", "latent_activity", "log_likelihood", "pareto_khat"]
+__all__ = ["LogLikelihood", "active_units", "latent_activity", "log_likelihood", "pareto_khat"]
 
 # Importance samples (k times data points) held in memory at once.
 _SAMPLES_PER_PASS = {"cuda": 2**20}
 _SAMPLES_PER_PASS_DEFAULT = 2**16
-
-
-@runtime_checkable
-class AmortizedModel(Protocol):
-    """A latent variable model with an amortized posterior: what the evaluation functions need.
-
-    ``encode(x)`` returns :math:`q(z \\mid x)`, a ``torch.distributions.Distribution``
-    with batch shape ``(batch,)`` and event shape ``(z_dim,)``; ``log_joint(x, z)``
-    returns :math:`\\log p(x, z)` of shape ``(k, batch)`` for ``z`` of shape
-    ``(k, batch, z_dim)``. Optional attributes refine the checks: ``x_shape`` (the
-    shape of one data point) and ``likelihood`` (``"bernoulli"`` or ``"gaussian"``).
-    """
-
-    def encode(self, x: Tensor) -> Distribution: ...
-
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -196,7 +180,7 @@ def log_likelihood(
     data points at a time, and for each batch the ``k`` samples in chunks
     whose running ``logsumexp`` is merged with ``logaddexp``. On a CPU the
     chunks run on one thread or on torch's count, whichever is faster at the
-    moment, unless the caller set the count (see :mod:`vaelib.threads`); the
+    moment, unless the caller set the count (see :mod:`vaelib._runtime.threads`); the
     caller's count is restored afterwards.
 
     Parameters
@@ -269,10 +253,9 @@ def _estimate(
         vae.eval()
     sums, squares, khats = [], [], []
     bar = progress_bar(progress_enabled(progress), total=x.shape[0], desc=f"log p(x), k={k}", unit="x")
-    # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
-    threads = StepThreads(device, matmul_work(vae, batch_size * chunk))
+    # On a CPU, one thread or torch's count, whichever is faster now (vaelib._runtime.threads).
     try:
-        with threads:
+        with compute_threads(device, vae, batch_size * chunk) as step:
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size].to(device, dtype)  # (b, *x_shape)
                 q = vae.encode(xb)
@@ -280,7 +263,7 @@ def _estimate(
                 s2 = s1.clone()  # log sum w^2
                 kept = []
                 for done in range(0, k, chunk):
-                    with threads.step():
+                    with step():
                         z = q.sample((min(chunk, k - done),))  # (c, b, z_dim)
                         log_w = vae.log_joint(xb, z) - q.log_prob(z)  # (c, b)
                         s1 = torch.logaddexp(s1, torch.logsumexp(log_w, dim=0))
@@ -341,7 +324,7 @@ def latent_activity(vae: AmortizedModel, x: Tensor | ndarray, batch_size: int = 
     _check_model(vae)
     x = _check_inputs(vae, x)
     device, dtype = _model_device_dtype(vae, x)
-    with cpu_threads(device, matmul_work(vae, min(batch_size, x.shape[0]))):
+    with compute_threads(device, vae, min(batch_size, x.shape[0]), once=True):
         means = torch.cat(
             [vae.encode(x[i : i + batch_size].to(device, dtype)).mean for i in range(0, x.shape[0], batch_size)]
         )  # (n, z_dim)

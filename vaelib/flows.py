@@ -49,9 +49,9 @@ from torch import Tensor, nn
 from torch.distributions import AffineTransform, Distribution, Transform
 
 from vaelib._checks import check_nonnegative_int, check_positive_float, check_positive_int
+from vaelib._runtime.threads import compute_threads
 from vaelib.bounds import elbo_from_log_weights
 from vaelib.models import MIN_ENCODER_SCALE, VAE, Likelihood
-from vaelib.threads import StepThreads, matmul_work
 
 __all__ = ["FlowVAE", "fit_flow_posterior"]
 
@@ -291,10 +291,10 @@ def fit_flow_posterior(
         flow = zuko.flows.Flow(spline.transform.inv, spline.base).to(x.device, x.dtype)
         optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
-        with StepThreads(x.device, matmul_work(flow, k * x.shape[0])) as threads:
+        # On a CPU, one thread or torch's count, whichever is faster now (vaelib._runtime.threads).
+        with compute_threads(x.device, flow, k * x.shape[0]) as timed:
             for step in range(steps):
-                with threads.step():
+                with timed():
                     optimizer.zero_grad()
                     z, log_q = flow(x).rsample_and_log_prob((k,))  # (k, n, z_dim), (k, n)
                     beta = min(1.0, 0.01 + 0.99 * step / (anneal * steps)) if anneal > 0 else 1.0

@@ -30,9 +30,9 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
 from vaelib._checks import check_choice, check_nonnegative_int, check_positive_float, check_positive_int
+from vaelib._runtime.threads import compute_threads
 from vaelib._stats import mean_se
 from vaelib.bounds import elbo_from_log_weights, log_weights
-from vaelib.threads import StepThreads, matmul_work
 
 __all__ = ["InferenceGaps", "inference_gaps", "optimize_posterior"]
 
@@ -157,10 +157,10 @@ def optimize_posterior(
 
             optimizer = torch.optim.Adam(free, lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-            # On a CPU, one thread or torch's count, whichever is faster now (vaelib.threads).
-            with StepThreads(x.device, matmul_work(model, k * x.shape[0])) as threads:
+            # On a CPU, one thread or torch's count, whichever is faster now (vaelib._runtime.threads).
+            with compute_threads(x.device, model, k * x.shape[0]) as step:
                 for _ in range(steps):
-                    with threads.step():
+                    with step():
                         optimizer.zero_grad()
                         loss = -elbo_from_log_weights(log_weights(x, build(), model.log_joint, k)).sum()
                         loss.backward()

@@ -38,7 +38,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from vaelib._checks import check_choice, check_positive_int
 from vaelib.bounds import iwae_from_log_weights
-from vaelib.estimators import LatentModel
+from vaelib.protocols import JointModel
 
 __all__ = ["IWAE_ESTIMATORS", "iwae_gradient_samples", "iwae_surrogate", "stop_gradient"]
 
@@ -64,7 +64,7 @@ def stop_gradient(q: Distribution) -> Distribution:
 def iwae_surrogate(
     x: Tensor,
     q: Distribution,
-    model: LatentModel,
+    model: JointModel,
     k: int = 5,
     *,
     estimator: str = "reparam",
@@ -120,7 +120,7 @@ def iwae_surrogate(
 def iwae_gradient_samples(
     x: Tensor,
     encode: Callable[[Tensor], Distribution],
-    model: LatentModel,
+    model: JointModel,
     params: list[Tensor],
     *,
     estimator: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,14 +26,11 @@ from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
 from vaelib._checks import LIKELIHOODS, check_choice, check_positive_int
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
-from vaelib.toy import LinearGaussian
+from vaelib.networks import Activation, ConvConfig, MLPConfig, conv_networks, mlp_network
 
-__all__ = ["VAE", "ConvConfig", "MLPConfig", "NetworkShapeError"]
+__all__ = ["VAE", "NetworkShapeError"]
 
 Likelihood = Literal["bernoulli", "gaussian"]
-Activation = Literal["tanh", "relu"]
-
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 # Smallest standard deviation of a Gaussian decoder: keeps log p(x | z) finite
 # on pixels that are constant in the data (the border of the digits).
@@ -45,94 +41,6 @@ MIN_ENCODER_SCALE = 1e-6
 
 class NetworkShapeError(ValueError):
     """An encoder or decoder whose output has the wrong shape for the VAE it is part of."""
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    """Architecture of a fully connected VAE; enough to rebuild it from a file."""
-
-    x_dim: int
-    z_dim: int
-    hidden: tuple[int, ...] = (200, 200)
-    activation: str = "tanh"
-    likelihood: str = "bernoulli"
-
-    def __post_init__(self) -> None:
-        check_positive_int(self.x_dim, "x_dim")
-        check_positive_int(self.z_dim, "z_dim")
-        object.__setattr__(self, "hidden", tuple(self.hidden))
-        for h in self.hidden:
-            check_positive_int(h, "hidden")
-        check_choice(self.activation, "activation", tuple(ACTIVATIONS))
-        check_choice(self.likelihood, "likelihood", LIKELIHOODS)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-
-@dataclass(frozen=True)
-class ConvConfig:
-    """Architecture of a convolutional VAE; enough to rebuild it from a file."""
-
-    x_shape: tuple[int, int, int]
-    z_dim: int
-    channels: tuple[int, ...] = (32, 64)
-    likelihood: str = "bernoulli"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "x_shape", tuple(self.x_shape))
-        object.__setattr__(self, "channels", tuple(self.channels))
-        if len(self.x_shape) != 3:
-            raise ValueError(f"x_shape: expected (channels, height, width), got {self.x_shape}")
-        for d in self.x_shape:
-            check_positive_int(d, "x_shape")
-        check_positive_int(self.z_dim, "z_dim")
-        if not self.channels:
-            raise ValueError("channels: expected at least one convolutional layer")
-        for c in self.channels:
-            check_positive_int(c, "channels")
-        factor = 2 ** len(self.channels)
-        if self.x_shape[1] % factor or self.x_shape[2] % factor:
-            raise ValueError(
-                f"x_shape: height and width must be divisible by {factor} (one halving per layer of "
-                f"channels={self.channels}), got {self.x_shape[1:]}"
-            )
-        check_choice(self.likelihood, "likelihood", LIKELIHOODS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "conv", **asdict(self), "x_shape": list(self.x_shape), "channels": list(self.channels)}
-
-
-def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
-
-
-def _conv_networks(config: ConvConfig) -> tuple[nn.Sequential, nn.Sequential]:
-    """Stride-2 convolutions down, a linear layer to the latent, and the mirror image up."""
-    c, h, w = config.x_shape
-    channels = [c, *config.channels]
-    down: list[nn.Module] = []
-    for c_in, c_out in itertools.pairwise(channels):
-        down += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]
-    factor = 2 ** len(config.channels)
-    inner = (channels[-1], h // factor, w // factor)  # the smallest feature map
-    encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(math.prod(inner), 2 * config.z_dim))
-    out = c if config.likelihood == "bernoulli" else 2 * c
-    up: list[nn.Module] = [nn.Linear(config.z_dim, math.prod(inner)), nn.ReLU(), nn.Unflatten(1, inner)]
-    rev = list(reversed(channels))
-    for i, (c_in, c_out) in enumerate(itertools.pairwise(rev)):
-        last = i == len(rev) - 2
-        up.append(nn.ConvTranspose2d(c_in, out if last else c_out, kernel_size=4, stride=2, padding=1))
-        if not last:
-            up.append(nn.ReLU())
-    return encoder, nn.Sequential(*up)
 
 
 class VAE(nn.Module):
@@ -254,8 +162,8 @@ class VAE(nn.Module):
         """
         config = MLPConfig(x_dim, z_dim, tuple(hidden), activation, likelihood)
         out = x_dim if likelihood == "bernoulli" else 2 * x_dim
-        encoder = _mlp([x_dim, *config.hidden, 2 * z_dim], activation)
-        decoder = _mlp([z_dim, *reversed(config.hidden), out], activation)
+        encoder = mlp_network([x_dim, *config.hidden, 2 * z_dim], activation)
+        decoder = mlp_network([z_dim, *reversed(config.hidden), out], activation)
         model = cls(encoder, decoder, x_dim=x_dim, z_dim=z_dim, likelihood=likelihood)
         model.config = config
         return model
@@ -281,118 +189,10 @@ class VAE(nn.Module):
         Radford, Metz and Chintala (2016), "DCGAN", the all-convolutional stride-2 design.
         """
         config = ConvConfig(tuple(x_shape), z_dim, tuple(channels), likelihood)  # type: ignore[arg-type]
-        encoder, decoder = _conv_networks(config)
+        encoder, decoder = conv_networks(config)
         model = cls(encoder, decoder, x_shape=config.x_shape, z_dim=z_dim, likelihood=likelihood)
         model.config = config
         return model
-
-    @classmethod
-    def from_linear_gaussian(
-        cls,
-        toy: LinearGaussian,
-        *,
-        mean_factor: float = 1.0,
-        scale_factor: float = 1.0,
-    ) -> VAE:
-        """A float64 VAE whose generative model is ``toy`` and whose encoder is its exact posterior.
-
-        The decoder is one linear layer, ``z -> (W z + b, s)`` with a constant raw
-        scale :math:`s = \\operatorname{softplus}^{-1}(\\sigma - \\sigma_{\\min})`,
-        :math:`\\sigma_{\\min}` = ``MIN_DECODER_SCALE``, so that
-        :math:`p_\\theta(x \\mid z) = \\mathcal{N}(W z + b, \\sigma^2 I)` exactly.
-        The encoder is one linear layer holding the posterior's mean map and the
-        raw form of its standard deviations (offset by ``MIN_ENCODER_SCALE``):
-
-        .. math::
-
-            q_\\phi(z \\mid x) = \\mathcal{N}\\big(a\\, \\Sigma W^\\top (x - b) / \\sigma^2,\\ c^2 \\Sigma\\big),
-            \\qquad \\Sigma = (I + W^\\top W / \\sigma^2)^{-1},
-
-        with ``a = mean_factor`` and ``c = scale_factor``. The defaults
-        ``a = c = 1`` give :math:`q_\\phi(z \\mid x) = p_\\theta(z \\mid x)`, so every
-        importance weight equals :math:`p_\\theta(x)` and the ELBO is tight; other
-        values give a poorer encoder (a shrunk mean, a wider or narrower scale)
-        whose ELBO ``toy.elbo(x, vae.encode(x))`` has a closed form.
-
-        Parameters
-        ----------
-        toy : LinearGaussian
-            The generative model :math:`x = W z + b + \\varepsilon`,
-            :math:`\\varepsilon \\sim \\mathcal{N}(0, \\sigma^2 I)`.
-        mean_factor : float
-            Multiplies the posterior mean (finite).
-        scale_factor : float
-            Multiplies the posterior standard deviations (positive).
-
-        Returns
-        -------
-        VAE
-            Gaussian likelihood, ``x_dim = toy.x_dim``, ``z_dim = toy.z_dim``, float64.
-
-        Raises
-        ------
-        ValueError
-            If :math:`\\Sigma` is not diagonal: the encoder's Gaussian is diagonal, so
-            only models with ``z_dim == 1`` or with orthogonal columns of ``W`` are
-            supported. Also if :math:`\\sigma` is not above ``MIN_DECODER_SCALE`` or
-            a scaled posterior standard deviation not above ``MIN_ENCODER_SCALE``.
-        TypeError
-            If ``toy`` is not a :class:`~vaelib.toy.LinearGaussian`.
-
-        References
-        ----------
-        Bishop (2006), *Pattern Recognition and Machine Learning*, section 2.3.3 (the posterior);
-        Tipping and Bishop (1999), probabilistic PCA.
-        """
-        if not isinstance(toy, LinearGaussian):
-            raise TypeError(f"toy: expected a vaelib.LinearGaussian, got {type(toy).__name__}")
-        for name, value in (("mean_factor", mean_factor), ("scale_factor", scale_factor)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
-        if scale_factor <= 0:
-            raise ValueError(f"scale_factor: expected a positive number, got {scale_factor!r}")
-        if toy.noise_std <= MIN_DECODER_SCALE:
-            raise ValueError(f"toy: noise_std must exceed MIN_DECODER_SCALE = {MIN_DECODER_SCALE}, got {toy.noise_std}")
-        W = toy.W.detach().to(torch.float64)  # (x_dim, z_dim)
-        b = toy.b.detach().to(torch.float64)  # (x_dim,)
-        x_dim, z_dim = W.shape
-        var = toy.noise_std**2
-        precision = torch.eye(z_dim, dtype=torch.float64) + W.T @ W / var  # (z_dim, z_dim)
-        off_diagonal = precision - torch.diag(precision.diagonal())
-        if bool(off_diagonal.abs().max() > 1e-12 * precision.diagonal().max()):
-            raise ValueError(
-                f"toy: the exact posterior covariance (I + W^T W / sigma^2)^-1 is not diagonal (z_dim = {z_dim} "
-                "and W's columns are not orthogonal); a diagonal Gaussian encoder can hold it only when "
-                "z_dim == 1 or W has orthogonal columns"
-            )
-        post_var = 1.0 / precision.diagonal()  # (z_dim,): the diagonal of Sigma
-        q_scale = scale_factor * post_var.sqrt()  # (z_dim,)
-        if bool((q_scale <= MIN_ENCODER_SCALE).any()):
-            raise ValueError(
-                f"scale_factor: the encoder's scales {q_scale.tolist()} must exceed "
-                f"MIN_ENCODER_SCALE = {MIN_ENCODER_SCALE}"
-            )
-        gain = mean_factor * post_var[:, None] * W.T / var  # (z_dim, x_dim): q's mean is gain (x - b)
-
-        def inverse_softplus(y: Tensor) -> Tensor:  # log(e^y - 1), stable for large y
-            return y + torch.log(-torch.expm1(-y))
-
-        encoder = nn.Linear(x_dim, 2 * z_dim, dtype=torch.float64)
-        decoder = nn.Linear(z_dim, 2 * x_dim, dtype=torch.float64)
-        with torch.no_grad():
-            decoder.weight.zero_()
-            decoder.weight[:x_dim] = W
-            decoder.bias[:x_dim] = b
-            decoder.bias[x_dim:] = inverse_softplus(
-                torch.tensor(toy.noise_std - MIN_DECODER_SCALE, dtype=torch.float64)
-            )
-            encoder.weight.zero_()
-            encoder.weight[:z_dim] = gain
-            encoder.bias[:z_dim] = -(gain @ b)
-            encoder.bias[z_dim:] = inverse_softplus(q_scale - MIN_ENCODER_SCALE)
-        return cls(encoder, decoder, x_dim=x_dim, z_dim=z_dim, likelihood="gaussian")
 
     # -- the three distributions ----------------------------------------------------
 

@@ -20,7 +20,6 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -28,9 +27,9 @@ from torch.distributions import Distribution, Independent, kl_divergence
 
 from vaelib._checks import check_nonnegative_int, check_positive_int, check_seed
 from vaelib._stats import mean_se
+from vaelib.protocols import EncoderDecoder
 
 __all__ = [
-    "LatentModel",
     "RateDistortion",
     "beta_elbo",
     "check_weight",
@@ -39,17 +38,6 @@ __all__ = [
 ]
 
 LN2 = math.log(2.0)
-
-
-class LatentModel(Protocol):
-    """What the functions here need: ``encode(x)``, ``decode(z)``, ``prior``, as a :class:`~vaelib.models.VAE` has."""
-
-    @property
-    def prior(self) -> Distribution: ...
-
-    def encode(self, x: Tensor) -> Distribution: ...
-
-    def decode(self, z: Tensor) -> Distribution: ...
 
 
 def _check_model(vae: object) -> None:
@@ -75,7 +63,7 @@ def _draw(q: Distribution, k: int, seed: int | None, device: torch.device) -> Te
         return q.rsample((k,))  # (k, batch, z_dim)
 
 
-def _terms(vae: LatentModel, x: Tensor, k: int, analytic_kl: bool | None, seed: int | None) -> tuple[Tensor, Tensor]:
+def _terms(vae: EncoderDecoder, x: Tensor, k: int, analytic_kl: bool | None, seed: int | None) -> tuple[Tensor, Tensor]:
     """Distortion ``(batch,)`` and rate per latent group ``(batch, groups)`` from the same ``k`` draws.
 
     The groups are the latent dimensions when ``q`` and the prior are ``Independent``
@@ -137,7 +125,7 @@ class RateDistortion:
 
 
 def rate_distortion(
-    vae: LatentModel,
+    vae: EncoderDecoder,
     x: Tensor,
     k: int = 1,
     *,
@@ -201,7 +189,7 @@ def rate_distortion(
 
 
 def beta_elbo(
-    vae: LatentModel,
+    vae: EncoderDecoder,
     x: Tensor,
     beta: float = 1.0,
     *,

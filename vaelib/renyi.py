@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from vaelib.bounds import _check_log_weights
+from vaelib._checks import check_log_weights
 
 __all__ = ["check_alpha", "renyi_from_log_weights"]
 
@@ -61,7 +61,7 @@ def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
     ----------
     Li and Turner (2016), "Renyi divergence variational inference", eq. (8).
     """
-    _check_log_weights(log_w)
+    check_log_weights(log_w)
     alpha = check_alpha(alpha)
     s = 1.0 - alpha
     k = log_w.shape[0]

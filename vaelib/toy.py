@@ -14,7 +14,9 @@ section 2.3.3; Tipping and Bishop 1999, probabilistic PCA):
     p(z \\mid x) = \\mathcal{N}\\big(z; \\Sigma W^\\top (x - b) / \\sigma^2, \\Sigma\\big),
     \\quad \\Sigma = (I + W^\\top W / \\sigma^2)^{-1}.
 
-The book uses it to check each derivation to float64 precision.
+The book uses it to check each derivation to float64 precision, and
+:func:`linear_gaussian_vae` turns it into a :class:`~vaelib.models.VAE` whose encoder is its
+exact posterior (or a poorer one), so that a VAE's bounds can be checked against exact values.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import (
     Distribution,
     Independent,
@@ -34,8 +36,9 @@ from torch.distributions import (
 )
 
 from vaelib._checks import check_positive_float, check_positive_int
+from vaelib.models import MIN_DECODER_SCALE, MIN_ENCODER_SCALE, VAE
 
-__all__ = ["Bimodal", "LinearGaussian", "as_multivariate_normal"]
+__all__ = ["LinearGaussian", "as_multivariate_normal", "linear_gaussian_vae"]
 
 
 def as_multivariate_normal(q: Distribution) -> MultivariateNormal:
@@ -192,5 +195,105 @@ class LinearGaussian:
         return self.expected_log_likelihood(x, q) - kl_divergence(q, self.prior)
 
 
-# The non-Gaussian exact model lives in its own module; the book reaches it as vaelib.toy.Bimodal too.
-from vaelib.bimodal import Bimodal  # noqa: E402
+def linear_gaussian_vae(
+    toy: LinearGaussian,
+    *,
+    mean_factor: float = 1.0,
+    scale_factor: float = 1.0,
+) -> VAE:
+    """A float64 :class:`~vaelib.models.VAE` whose generative model is ``toy`` and whose encoder is its exact posterior.
+
+    The decoder is one linear layer, ``z -> (W z + b, s)`` with a constant raw
+    scale :math:`s = \\operatorname{softplus}^{-1}(\\sigma - \\sigma_{\\min})`,
+    :math:`\\sigma_{\\min}` = ``MIN_DECODER_SCALE``, so that
+    :math:`p_\\theta(x \\mid z) = \\mathcal{N}(W z + b, \\sigma^2 I)` exactly.
+    The encoder is one linear layer holding the posterior's mean map and the
+    raw form of its standard deviations (offset by ``MIN_ENCODER_SCALE``):
+
+    .. math::
+
+        q_\\phi(z \\mid x) = \\mathcal{N}\\big(a\\, \\Sigma W^\\top (x - b) / \\sigma^2,\\ c^2 \\Sigma\\big),
+        \\qquad \\Sigma = (I + W^\\top W / \\sigma^2)^{-1},
+
+    with ``a = mean_factor`` and ``c = scale_factor``. The defaults
+    ``a = c = 1`` give :math:`q_\\phi(z \\mid x) = p_\\theta(z \\mid x)`, so every
+    importance weight equals :math:`p_\\theta(x)` and the ELBO is tight; other
+    values give a poorer encoder (a shrunk mean, a wider or narrower scale)
+    whose ELBO ``toy.elbo(x, vae.encode(x))`` has a closed form.
+
+    Parameters
+    ----------
+    toy : LinearGaussian
+        The generative model :math:`x = W z + b + \\varepsilon`,
+        :math:`\\varepsilon \\sim \\mathcal{N}(0, \\sigma^2 I)`.
+    mean_factor : float
+        Multiplies the posterior mean (finite).
+    scale_factor : float
+        Multiplies the posterior standard deviations (positive).
+
+    Returns
+    -------
+    VAE
+        Gaussian likelihood, ``x_dim = toy.x_dim``, ``z_dim = toy.z_dim``, float64.
+
+    Raises
+    ------
+    ValueError
+        If :math:`\\Sigma` is not diagonal: the encoder's Gaussian is diagonal, so
+        only models with ``z_dim == 1`` or with orthogonal columns of ``W`` are
+        supported. Also if :math:`\\sigma` is not above ``MIN_DECODER_SCALE`` or
+        a scaled posterior standard deviation not above ``MIN_ENCODER_SCALE``.
+    TypeError
+        If ``toy`` is not a :class:`LinearGaussian`.
+
+    References
+    ----------
+    Bishop (2006), *Pattern Recognition and Machine Learning*, section 2.3.3 (the posterior);
+    Tipping and Bishop (1999), probabilistic PCA.
+    """
+    if not isinstance(toy, LinearGaussian):
+        raise TypeError(f"toy: expected a vaelib.LinearGaussian, got {type(toy).__name__}")
+    for name, value in (("mean_factor", mean_factor), ("scale_factor", scale_factor)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if scale_factor <= 0:
+        raise ValueError(f"scale_factor: expected a positive number, got {scale_factor!r}")
+    if toy.noise_std <= MIN_DECODER_SCALE:
+        raise ValueError(f"toy: noise_std must exceed MIN_DECODER_SCALE = {MIN_DECODER_SCALE}, got {toy.noise_std}")
+    W = toy.W.detach().to(torch.float64)  # (x_dim, z_dim)
+    b = toy.b.detach().to(torch.float64)  # (x_dim,)
+    x_dim, z_dim = W.shape
+    var = toy.noise_std**2
+    precision = torch.eye(z_dim, dtype=torch.float64) + W.T @ W / var  # (z_dim, z_dim)
+    off_diagonal = precision - torch.diag(precision.diagonal())
+    if bool(off_diagonal.abs().max() > 1e-12 * precision.diagonal().max()):
+        raise ValueError(
+            f"toy: the exact posterior covariance (I + W^T W / sigma^2)^-1 is not diagonal (z_dim = {z_dim} "
+            "and W's columns are not orthogonal); a diagonal Gaussian encoder can hold it only when "
+            "z_dim == 1 or W has orthogonal columns"
+        )
+    post_var = 1.0 / precision.diagonal()  # (z_dim,): the diagonal of Sigma
+    q_scale = scale_factor * post_var.sqrt()  # (z_dim,)
+    if bool((q_scale <= MIN_ENCODER_SCALE).any()):
+        raise ValueError(
+            f"scale_factor: the encoder's scales {q_scale.tolist()} must exceed MIN_ENCODER_SCALE = {MIN_ENCODER_SCALE}"
+        )
+    gain = mean_factor * post_var[:, None] * W.T / var  # (z_dim, x_dim): q's mean is gain (x - b)
+
+    def inverse_softplus(y: Tensor) -> Tensor:  # log(e^y - 1), stable for large y
+        return y + torch.log(-torch.expm1(-y))
+
+    encoder = nn.Linear(x_dim, 2 * z_dim, dtype=torch.float64)
+    decoder = nn.Linear(z_dim, 2 * x_dim, dtype=torch.float64)
+    with torch.no_grad():
+        decoder.weight.zero_()
+        decoder.weight[:x_dim] = W
+        decoder.bias[:x_dim] = b
+        decoder.bias[x_dim:] = inverse_softplus(torch.tensor(toy.noise_std - MIN_DECODER_SCALE, dtype=torch.float64))
+        encoder.weight.zero_()
+        encoder.weight[:z_dim] = gain
+        encoder.bias[:z_dim] = -(gain @ b)
+        encoder.bias[z_dim:] = inverse_softplus(q_scale - MIN_ENCODER_SCALE)
+    return VAE(encoder, decoder, x_dim=x_dim, z_dim=z_dim, likelihood="gaussian")

@@ -53,15 +53,12 @@ from vaelib._checks import (
     check_positive_int,
     check_seed,
 )
-from vaelib._lock import exclusive
-from vaelib._progress import progress_bar, progress_enabled
-from vaelib.batches import ResidentBatches, StreamedBatches, batch_source
-from vaelib.callbacks import Callback, CallbackList, EarlyStopping, TrainState
-from vaelib.checkpoint import read_training_checkpoint, write_training_checkpoint
+from vaelib._io.lock import exclusive
+from vaelib._runtime.devices import MatmulPrecision, fit_precision, float32_matmul_precision, resolve_device
+from vaelib._runtime.progress import progress_bar, progress_enabled
+from vaelib._runtime.thread_policy import matmul_work
+from vaelib._runtime.threads import StepThreads
 from vaelib.data import bernoulli_draw
-from vaelib.devices import MatmulPrecision, fit_precision, float32_matmul_precision, resolve_device
-from vaelib.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
-from vaelib.history import History
 from vaelib.models import VAE
 from vaelib.objectives import (
     Objective,
@@ -73,7 +70,11 @@ from vaelib.objectives import (
     settings_of,
     validation_objective,
 )
-from vaelib.threads import StepThreads, matmul_work
+from vaelib.training.batches import ResidentBatches, StreamedBatches, batch_source
+from vaelib.training.callbacks import Callback, CallbackList, EarlyStopping, TrainState
+from vaelib.training.checkpoint import read_training_checkpoint, write_training_checkpoint
+from vaelib.training.distributed import all_sum, broadcast, init_from_env, rank_and_world_size, rank_seed, wrap
+from vaelib.training.history import History
 
 __all__ = ["IF_EXISTS", "IfExists", "TrainingDiverged", "fit", "run_settings"]
 

@@ -52,7 +52,7 @@ def samples_and_reconstructions(vae: VAE, x: Tensor, *, n: int = 32) -> Figure:
     import matplotlib.pyplot as plt
 
     device = next(vae.parameters()).device
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.24))
     x = x[:n].to(device)
     show_images(vae.sample(n), ax=axes[0], title="samples from the model", ncol=8)
     show_images(x, ax=axes[1], title="data", ncol=8)

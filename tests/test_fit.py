@@ -1,15 +1,18 @@
-"""fit's research options: objectives, optimizer and scheduler factories, clipping, binarization, validation."""
+"""fit (vaelib.train): its research options, and how it fails: divergence, broken weights, interrupts, bad arguments."""
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
 
 import vaelib
+from vaelib.cli import main
 from vaelib.data import bernoulli_draw
+from vaelib.training.model_file import CheckpointError, read_checkpoint
 
 X_DIM = 64
 
@@ -81,7 +84,7 @@ def test_scheduler_steps_once_per_epoch(digits):
     rates = []
     lrs = []
 
-    class LR(vaelib.callbacks.Callback):
+    class LR(vaelib.training.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
             lrs.append(logs["lr"])
             return False
@@ -322,3 +325,228 @@ def test_resume_refuses_another_estimator(tmp_path, digits):
         tiny(), digits[0], objective="iwae", k=3, estimator="dreg", epochs=2, checkpoint=path, resume=True, **OPTIONS
     )
     assert len(history) == 2
+
+
+@pytest.fixture(scope="module")
+def train_digits() -> torch.Tensor:
+    return vaelib.data.load_digits()[0][:300]
+
+
+def tiny_vae(likelihood: str = "bernoulli", hidden: tuple[int, ...] = (8,), seed: int = 0, **kw) -> vaelib.VAE:
+    torch.manual_seed(seed)
+    return vaelib.VAE.mlp(X_DIM, 2, hidden=hidden, likelihood=likelihood, **kw)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _StepHook:
+    """Wraps Adam.step to do something to the model after the n-th step of a run (1-based)."""
+
+    def __init__(self, monkeypatch, n: int, action) -> None:
+        self.count, self.n, self.action = 0, n, action
+        real = torch.optim.Adam.step
+
+        def step(opt, *args, **kwargs):
+            out = real(opt, *args, **kwargs)
+            self.count += 1
+            if self.count == self.n:
+                self.action(opt)
+            return out
+
+        monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+def _poison(opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        opt.param_groups[0]["params"][0].fill_(math.nan)
+
+
+def _interrupt(opt: torch.optim.Optimizer) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_constant_images_train_and_score_finitely(value, train_digits):
+    """Images all zero or all one: training and every bound stay finite."""
+    x = torch.full((200, X_DIM), value)
+    vae = tiny_vae()
+    history = vaelib.fit(vae, x, epochs=3, batch_size=50, lr=1e-2, device="cpu", progress=False)
+    assert all(math.isfinite(b) for b in history.train_bound)
+    for bound in (vae.elbo(x, k=4), vae.elbo(x, analytic_kl=True), vae.iwae(x, k=16)):
+        assert torch.isfinite(bound).all()
+    assert torch.isfinite(vaelib.log_likelihood(vae, x, k=64, progress=False)).all()
+
+
+def test_diverging_learning_rate_stops_with_the_epoch_named(tmp_path):
+    """lr = 1000 on a Gaussian decoder: TrainingDiverged names the epoch; the model and the last
+    checkpoint are the previous epoch's, finite, and exactly those of a run that stopped there."""
+    x = vaelib.data.load_digits()[0]
+    path = tmp_path / "checkpoint.pt"
+    vae = tiny_vae("gaussian", hidden=(16,), activation="relu")
+    options = {"batch_size": 1500, "lr": 1000.0, "device": "cpu", "progress": False}
+    with pytest.raises(vaelib.TrainingDiverged, match=r"diverged in epoch 2: .* restored to epoch 1; the checkpoint"):
+        vaelib.fit(vae, x, epochs=5, checkpoint=path, **options)
+    one_epoch = tiny_vae("gaussian", hidden=(16,), activation="relu")
+    vaelib.fit(one_epoch, x, epochs=1, **options)
+    saved = vaelib.load(path)
+    assert read_checkpoint(path)["epoch"] == 1
+    assert same_weights(saved.state_dict(), one_epoch.state_dict())
+    assert same_weights(vae.state_dict(), one_epoch.state_dict())
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+@pytest.mark.parametrize("step", [32, 36], ids=["mid-epoch", "last-step-of-epoch"])
+def test_weights_broken_within_an_epoch_are_caught(monkeypatch, tmp_path, train_digits, step):
+    """NaN weights after step 32 (mid epoch 3, at 12 steps an epoch) or step 36 (the last of epoch 3,
+    after its bounds were taken): TrainingDiverged for epoch 3, and the checkpoint stays at epoch 2."""
+    path = tmp_path / "checkpoint.pt"
+    _StepHook(monkeypatch, step, _poison)
+    vae = tiny_vae()
+    with pytest.raises(vaelib.TrainingDiverged, match="diverged in epoch 3"):
+        vaelib.fit(vae, train_digits, epochs=5, batch_size=25, checkpoint=path, device="cpu", progress=False)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["epoch"] == 2
+    two_epochs = tiny_vae()
+    vaelib.fit(two_epochs, train_digits, epochs=2, batch_size=25, device="cpu", progress=False)
+    assert same_weights(vaelib.load(path).state_dict(), two_epochs.state_dict())
+    assert same_weights(vae.state_dict(), two_epochs.state_dict())
+
+
+def test_keyboard_interrupt_mid_epoch(monkeypatch, tmp_path, train_digits):
+    """Ctrl-C in the middle of epoch 3: fit returns the history of 2 epochs, marked interrupted, with
+    the model exactly as after epoch 2; resuming from the checkpoint then matches an uninterrupted run."""
+    path = tmp_path / "checkpoint.pt"
+    options = {"batch_size": 25, "device": "cpu", "progress": False}
+    _StepHook(monkeypatch, 2 * 12 + 5, _interrupt)  # 12 steps per epoch
+    vae = tiny_vae()
+    with pytest.warns(UserWarning, match="interrupted during epoch 3; the model is as it was after epoch 2"):
+        history = vaelib.fit(vae, train_digits, epochs=4, checkpoint=path, **options)
+    monkeypatch.undo()
+    assert history.interrupted and history.epoch == [1, 2] and len(history.train_bound) == 2
+    two, four = tiny_vae(), tiny_vae()
+    reference = vaelib.fit(two, train_digits, epochs=2, **options)
+    assert history.train_bound == reference.train_bound
+    assert same_weights(vae.state_dict(), two.state_dict())
+    resumed = vaelib.fit(vae, train_digits, epochs=4, checkpoint=path, resume=True, **options)
+    vaelib.fit(four, train_digits, epochs=4, **options)
+    assert resumed.epoch == [1, 2, 3, 4] and not resumed.interrupted
+    assert same_weights(vae.state_dict(), four.state_dict())
+
+
+def test_keyboard_interrupt_in_the_callback(train_digits):
+    """Ctrl-C while the callback runs after epoch 2: the epoch is complete, so it is kept."""
+
+    def callback(history):
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    vae, two = tiny_vae(), tiny_vae()
+    with pytest.warns(UserWarning, match="interrupted during epoch 2; the model is as it was after epoch 2"):
+        history = vaelib.fit(vae, train_digits, epochs=5, callback=callback, device="cpu", progress=False)
+    assert history.interrupted and history.epoch == [1, 2]
+    vaelib.fit(two, train_digits, epochs=2, device="cpu", progress=False)
+    assert same_weights(vae.state_dict(), two.state_dict())
+
+
+TINY = ["--hidden", "8", "--z-dim", "2", "--test-k", "2", "--batch-size", "500"]
+
+
+def run(argv: list) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+class _Empty(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[..., :2], x[..., :2]], dim=-1)
+
+
+class _EmptyDecoder(torch.nn.Module):
+    """A decoder of the right output shape, (N, X_DIM) logits, with no parameters."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[..., :1].expand(*z.shape[:-1], X_DIM)
+
+
+FIT_CASES = {
+    "seed str": ({"seed": "7"}, TypeError, r"^seed: expected an integer"),
+    "seed None": ({"seed": None}, TypeError, r"^seed: expected an integer"),
+    "seed float": ({"seed": 1.5}, TypeError, r"^seed: expected an integer"),
+    "seed 65 bits": ({"seed": 2**64}, ValueError, r"^seed: expected an integer in \[0, 2\*\*64 - 1\]"),
+    "seed negative": ({"seed": -1}, ValueError, r"^seed: expected an integer in"),
+    "analytic iwae": ({"objective": "iwae", "analytic_kl": True}, ValueError, r"^analytic_kl: .*'elbo' only"),
+    "analytic str": ({"analytic_kl": "no"}, TypeError, r"^analytic_kl: expected True or False, got 'no'"),
+    "resume str": ({"resume": "yes"}, TypeError, r"^resume: expected True or False"),
+    "callback": ({"callback": 3}, TypeError, r"^callback: expected a function"),
+    "grad data": ({"train_x": "grad"}, ValueError, r"^train_x: expected data that do not require grad"),
+    "no parameters": ({"vae": "empty"}, ValueError, r"^vae: the model has no trainable parameters"),
+}
+
+
+def test_fit_refuses_to_replace_a_checkpoint_without_resume_or_overwrite(tmp_path, train_digits):
+    path = tmp_path / "checkpoint.pt"
+    vaelib.fit(tiny_vae(), train_digits, epochs=2, checkpoint=path, progress=False)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"^checkpoint: .* already exists; pass resume=True .* overwrite=True"):
+        vaelib.fit(tiny_vae(), train_digits, epochs=1, checkpoint=path, progress=False)
+    assert path.read_bytes() == before
+    vaelib.fit(tiny_vae(), train_digits, epochs=1, checkpoint=path, overwrite=True, progress=False)
+    assert read_checkpoint(path)["epoch"] == 1
+
+
+def test_resume_with_another_activation_is_refused(tmp_path, train_digits):
+    path = tmp_path / "checkpoint.pt"
+    vaelib.fit(tiny_vae(activation="tanh"), train_digits, epochs=1, checkpoint=path, progress=False)
+    relu = tiny_vae(activation="relu")
+    before = {k: v.clone() for k, v in relu.state_dict().items()}
+    with pytest.raises(
+        CheckpointError, match=r"another architecture \(saved, now\): \{'activation': \('tanh', 'relu'\)"
+    ):
+        vaelib.fit(relu, train_digits, epochs=2, checkpoint=path, resume=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in relu.state_dict().items())
+
+
+@pytest.mark.parametrize("case", FIT_CASES)
+def test_fit_refuses_bad_arguments_before_any_work(case, tmp_path, train_digits):
+    kwargs, error, message = FIT_CASES[case]
+    kwargs = dict(kwargs)
+    vae = tiny_vae()
+    if kwargs.pop("vae", None) == "empty":
+        vae = vaelib.VAE(_Empty(), _EmptyDecoder(), x_dim=X_DIM, z_dim=2)
+    x = train_digits.clone().requires_grad_(True) if kwargs.pop("train_x", None) == "grad" else train_digits
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(error, match=message):
+        vaelib.fit(vae, x, epochs=1, checkpoint=tmp_path / "c.pt", progress=False, **kwargs)
+    assert list(tmp_path.iterdir()) == [] and x.grad is None
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+
+
+def test_interrupt_during_a_checkpoint_write_rolls_back_that_epoch(tmp_path, monkeypatch, train_digits, capsys):
+    """Ctrl-C inside epoch 2's checkpoint write: the history, the model and the message say epoch 1,
+    which is what the checkpoint on disk holds."""
+    real, calls = vaelib.train.write_training_checkpoint, [0]
+
+    def write(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vaelib.train, "write_training_checkpoint", write)
+    path = tmp_path / "checkpoint.pt"
+    vae = tiny_vae()
+    with pytest.warns(UserWarning, match="interrupted during epoch 2; the model is as it was after epoch 1"):
+        history = vaelib.fit(vae, train_digits, epochs=3, checkpoint=path, progress=False)
+    assert history.interrupted and history.epoch == [1]
+    saved = vaelib.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), vae.state_dict().values(), strict=True))
+    calls[0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run(["train", *TINY, "--epochs", "3", "--out", tmp_path / "cli"]) == 130
+    assert capsys.readouterr().err.endswith("interrupted after epoch 1; add --resume to continue\n")
+    assert read_checkpoint(tmp_path / "cli" / "checkpoint.pt")["epoch"] == 1

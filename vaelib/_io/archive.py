@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from vaelib._checks import MAX_PARAMETERS, check_architecture
-from vaelib.models import VAE, ConvConfig, MLPConfig
+from vaelib.models import VAE
+from vaelib.networks import ConvConfig, MLPConfig
 
 __all__ = ["DTYPES", "ArchiveError", "TensorSpec", "UnsafeGlobal", "check_record", "inspect", "nonfinite", "specs_in"]
 

@@ -37,7 +37,7 @@ from typing import IO, Any
 import torch
 
 from vaelib._checks import check_nonnegative_int
-from vaelib.history import History
+from vaelib.training.history import History
 
 __all__ = [
     "CSVLogger",

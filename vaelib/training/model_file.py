@@ -1,4 +1,8 @@
-"""Saving and loading models and training checkpoints, safely and atomically.
+"""Model files: saving and loading a model, safely and atomically, and reading any file vaelib wrote.
+
+The training checkpoints of :func:`vaelib.train.fit` are model files with the
+optimizer's state and the history beside the weights
+(:mod:`vaelib.training.checkpoint`).
 
 Files are written to a temporary name in the same folder, flushed to disk and
 renamed over the final name, so a crash never leaves a half-written file
@@ -6,7 +10,7 @@ where a good one was, and a failed write (a full disk) says that the previous
 file is intact. Before a file is loaded, the sizes of its archive's members,
 the shapes of its tensors and its recorded architecture are checked against
 one another and against limits, without reading a weight or building a
-model (see ``vaelib._archive``); then it is read with
+model (see ``vaelib._io.archive``); then it is read with
 ``torch.load(weights_only=True)``, which refuses pickled code, and its
 weights must be finite. Every failure names the file and the problem.
 """
@@ -20,32 +24,16 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO
 
 import torch
 
-from vaelib import _archive
-from vaelib._atomic import WriteError, atomic_write, remove_stale_temporaries
-from vaelib._lock import RunLocked
-from vaelib.devices import resolve_device
-from vaelib.history import History
+from vaelib._io import archive as model_archive
+from vaelib._io.atomic import atomic_write
+from vaelib._runtime.devices import resolve_device
 from vaelib.models import VAE
-from vaelib.objectives import describe, upgrade_settings
 
-__all__ = [
-    "CheckpointError",
-    "RunLocked",
-    "WriteError",
-    "atomic_save",
-    "atomic_write",
-    "load",
-    "read_checkpoint",
-    "read_training_checkpoint",
-    "remove_stale_temporaries",
-    "save",
-    "verify_training_checkpoint",
-    "write_training_checkpoint",
-]
+__all__ = ["CheckpointError", "atomic_save", "load", "model_from_record", "model_record", "read_checkpoint", "save"]
 
 FORMAT = "vaelib-model"
 FORMAT_VERSION = 1
@@ -57,10 +45,10 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "checkpoint") -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`).
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`~vaelib._io.atomic.atomic_write`).
 
     The archive is built in memory and then written, so a failing file system
-    raises :class:`WriteError` rather than an error from inside torch's writer.
+    raises :class:`~vaelib._io.atomic.WriteError` rather than an error from inside torch's writer.
     """
 
     def write(f: BinaryIO) -> None:
@@ -87,20 +75,20 @@ def _load_error(path: Path, err: Exception) -> CheckpointError:
 
 
 def _inspect(path: Path) -> Any:
-    """The file's object with tensors as shapes (see ``vaelib._archive``), or a CheckpointError."""
+    """The file's object with tensors as shapes (see ``vaelib._io.archive``), or a CheckpointError."""
     try:
-        return _archive.inspect(path)
-    except _archive.UnsafeGlobal as err:
+        return model_archive.inspect(path)
+    except model_archive.UnsafeGlobal as err:
         raise CheckpointError(
             f"{path}: refused to load: the file holds a Python object ({err.name}) that could run code "
             "when unpickled; only tensors and plain data saved by vaelib are accepted"
         ) from None
-    except _archive.ArchiveError as err:
+    except model_archive.ArchiveError as err:
         raise CheckpointError(f"{path}: not a readable checkpoint (crafted, truncated or corrupt): {err}") from None
     except Exception as err:  # BadZipFile, and others for archives broken in odd ways
         raise CheckpointError(
             f"{path}: not a readable checkpoint: not a PyTorch zip archive "
-            f"(truncated, corrupt, or another kind of file: {_first_line(err)})"
+            f"(truncated, corrupt, or another kind of file: {first_line(err)})"
         ) from err
 
 
@@ -120,7 +108,7 @@ def _checked(path: Path, check: Callable[..., Any], *args: Any) -> Any:
     """``check(*args)``, with its ``ArchiveError`` turned into a ``CheckpointError`` naming ``path``."""
     try:
         return check(*args)
-    except _archive.ArchiveError as err:
+    except model_archive.ArchiveError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
@@ -160,9 +148,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: damaged: the bytes of {damaged!r} do not match their stored CRC-32 checksum")
     _check_header(path, shapes)
     if shapes.get("kind") == "checkpoint":
-        _checked(path, _archive.check_record, shapes["model"])
+        _checked(path, model_archive.check_record, shapes["model"])
     elif shapes.get("kind") == "model":
-        _checked(path, _archive.check_record, shapes)
+        _checked(path, model_archive.check_record, shapes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the error below says all there is to say
@@ -170,7 +158,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as err:  # torch raises many types for damaged or unsafe files
         raise _load_error(path, err) from err
     _check_header(path, obj)
-    bad = _archive.nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
+    bad = model_archive.nonfinite({key: obj.get(key) for key in ("model", "optimizer", "state_dict")})
     if bad is not None:
         raise CheckpointError(
             f"{path}: holds NaN or infinite values ({bad}); the run that wrote it had diverged, "
@@ -198,150 +186,20 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike[str] = "<r
             f"{path}: holds no architecture (a model with networks of your own); "
             "build the model and pass it: vaelib.load(path, model=vae)"
         )
-    config = _checked(Path(path), _archive.check_record, record)  # before anything is built
-    dtype = _archive.DTYPES[str(record.get("dtype", "torch.float32"))]
-    vae = _archive.build(config).to(dtype)
+    config = _checked(Path(path), model_archive.check_record, record)  # before anything is built
+    dtype = model_archive.DTYPES[str(record.get("dtype", "torch.float32"))]
+    vae = model_archive.build(config).to(dtype)
     try:
         vae.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path}: the weights do not fit the recorded architecture: {_first_line(err)}") from err
+        raise CheckpointError(f"{path}: the weights do not fit the recorded architecture: {first_line(err)}") from err
     return vae
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first two non-empty lines of an error's message, joined: a one-line reason."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return "; ".join(lines[:2]) if lines else type(err).__name__
-
-
-def write_training_checkpoint(
-    path: str | os.PathLike[str],
-    vae: VAE,
-    opt: torch.optim.Optimizer,
-    history: History,
-    settings: dict[str, Any],
-    scheduler: Any = None,
-) -> Path:
-    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer (and scheduler) state,
-    history, settings."""
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "model": model_record(vae),
-        "optimizer": opt.state_dict(),
-        "epoch": len(history),
-        "history": history.to_dict(),
-        "settings": settings,
-    }
-    if scheduler is not None:
-        record["scheduler"] = scheduler.state_dict()
-    return atomic_save(record, path)
-
-
-def _refuse_settings(path: Path, saved: Any, now: dict[str, Any]) -> NoReturn:
-    """A ``CheckpointError`` naming the objectives and every other setting that differ, both sides."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: its training settings are unreadable ({type(saved).__name__})")
-    parts = []
-    if saved.get("objective") != now.get("objective"):
-        parts.append(f"objective {describe(saved.get('objective'))} then, {describe(now.get('objective'))} now")
-    keys = sorted((set(now) | set(saved)) - {"objective"})
-    diff = {key: (saved.get(key), now.get(key)) for key in keys if saved.get(key) != now.get(key)}
-    if diff:
-        parts.append(f"other settings (saved, now): {diff}")
-    raise CheckpointError(f"{path}: written with other training settings: {'; '.join(parts)}")
-
-
-def verify_training_checkpoint(
-    path: str | os.PathLike[str],
-    vae: VAE,
-    settings: dict[str, Any],
-    *,
-    epochs: int | None = None,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """Check that the checkpoint at ``path`` can resume training ``vae`` with ``settings``; change nothing.
-
-    Returns the checkpoint's contents, for :func:`read_training_checkpoint`.
-
-    Raises
-    ------
-    CheckpointError
-        If the file is unusable, is a saved model rather than a checkpoint, was
-        written with other training settings, for another architecture
-        (another activation, say, even where the shapes agree) or parameter
-        dtype, or its weights do not fit ``vae``.
-    ValueError
-        If it already holds more than ``epochs`` epochs.
-    """
-    path = Path(path)
-    saved = read_checkpoint(path)
-    if saved.get("kind") != "checkpoint":
-        raise CheckpointError(f"{path}: a saved model, not a training checkpoint; cannot resume from it")
-    recorded = upgrade_settings(saved["settings"]) if isinstance(saved["settings"], dict) else saved["settings"]
-    if recorded != settings:
-        _refuse_settings(path, recorded, settings)
-    record = saved["model"] if isinstance(saved["model"], dict) else {}
-    mine = vae.config.to_dict() if vae.config is not None else None
-    theirs = record.get("config")
-    if mine is not None and theirs != mine:
-        arch_diff: object = (
-            {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-            if isinstance(theirs, dict)
-            else theirs
-        )
-        raise CheckpointError(f"{path}: written for another architecture (saved, now): {arch_diff}")
-    dtype = str(vae._dtype())
-    if record.get("dtype", dtype) != dtype:
-        raise CheckpointError(f"{path}: written for {record.get('dtype')} parameters, but the model's are {dtype}")
-    state = record.get("state_dict")
-    here = vae.state_dict()
-    if not isinstance(state, dict) or set(state) != set(here):
-        raise CheckpointError(f"{path}: the checkpoint holds the weights of another kind of model")
-    mismatch = _shape_mismatch(state, here)
-    if mismatch is not None:
-        name, shape, expected = mismatch
-        raise CheckpointError(
-            f"{path}: the checkpoint's model has another shape: {name} is {shape} there, {expected} here"
-        )
-    if epochs is not None and isinstance(saved["epoch"], int) and saved["epoch"] > epochs:
-        raise ValueError(
-            f"epochs: {path} already holds {saved['epoch']} epochs, more than the {epochs} asked for; "
-            f"ask for {saved['epoch']} or more to continue it"
-        )
-    if scheduler is not None and not isinstance(saved.get("scheduler"), dict):
-        raise CheckpointError(f"{path}: the checkpoint holds no learning-rate scheduler state to resume")
-    return saved
-
-
-def read_training_checkpoint(
-    path: str | os.PathLike[str],
-    vae: VAE,
-    opt: torch.optim.Optimizer,
-    settings: dict[str, Any],
-    *,
-    epochs: int | None = None,
-    scheduler: Any = None,
-) -> History:
-    """Restore ``vae``, ``opt`` (and ``scheduler``) from a checkpoint of :func:`~vaelib.train.fit`;
-    return its history.
-
-    Raises
-    ------
-    CheckpointError, ValueError
-        As :func:`verify_training_checkpoint`. Nothing is changed in that case.
-    """
-    path = Path(path)
-    saved = verify_training_checkpoint(path, vae, settings, epochs=epochs, scheduler=scheduler)
-    try:
-        history = History.from_dict(saved["history"])
-        opt.load_state_dict(saved["optimizer"])  # checks its groups before changing anything
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        vae.load_state_dict(saved["model"]["state_dict"])  # cannot fail: names and shapes were checked
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: the checkpoint is damaged: {_first_line(err)}") from err
-    return history
 
 
 def save(vae: VAE, path: str | os.PathLike[str]) -> Path:
@@ -363,7 +221,8 @@ def save(vae: VAE, path: str | os.PathLike[str]) -> Path:
     return atomic_save(record, path)
 
 
-def _shape_mismatch(state: dict[str, Any], here: dict[str, torch.Tensor]) -> tuple[str, object, tuple[int, ...]] | None:
+def shape_mismatch(state: dict[str, Any], here: dict[str, torch.Tensor]) -> tuple[str, object, tuple[int, ...]] | None:
+    """The first tensor of ``state`` whose shape differs from ``here``'s: its name, saved shape and own shape."""
     """The first entry of ``state`` (same names as ``here``) that is not a tensor of ``here``'s shape.
 
     Returns ``(name, what the file holds, the shape wanted)``, or None when every shape agrees.
@@ -385,7 +244,7 @@ def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.Pa
         raise CheckpointError(
             f"{path}: the weights do not fit the model: missing in the file {missing}, not in the model {extra}"
         )
-    mismatch = _shape_mismatch(state, mine)
+    mismatch = shape_mismatch(state, mine)
     if mismatch is not None:
         name, shape, expected = mismatch
         raise CheckpointError(

@@ -21,6 +21,7 @@ fewer threads are tried only rarely; more threads are tried as often as
 their cost allows, since only a try can show that the machine has quietened.
 The tries of a slower count cost at most about 5% of the loop's time on a
 busy machine and well under 1% on a quiet one (see :class:`StepThreads`).
+The math modules reach this policy through one helper, :func:`compute_threads`.
 Work too small for torch to split at all (fewer than ``SMALL_WORK``
 multiply-adds per product) runs on one thread without timing.
 For the book's models the choice does not change the results: one and two
@@ -39,31 +40,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import nn
 
-__all__ = [
-    "SMALL_WORK",
-    "StepThreads",
-    "caller_chose_threads",
-    "cpu_threads",
-    "machine_busy",
-    "matmul_work",
-    "policy_enabled",
-    "thread_options",
-    "torch_default_threads",
-]
+from vaelib._runtime.thread_policy import cpu_threads, machine_busy, matmul_work, thread_options
 
-# torch runs an element-wise kernel on one thread below 32,768 elements
-# (at::internal::GRAIN_SIZE); below this many multiply-adds per matrix
-# product there is nothing for a second thread to gain.
-SMALL_WORK = 2**16
+__all__ = ["StepThreads", "compute_threads"]
 
 # Seconds of steps on one thread before a busy machine is tried with more.
 BUSY_DELAY = 0.5
@@ -73,95 +60,6 @@ BUSY_DELAY = 0.5
 # and each call would otherwise pay anew for trying a count that is slow.
 MEMORY_SECONDS = 60.0
 _MEMORY: dict[tuple[tuple[int, ...], int], dict[str, Any]] = {}
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-POLICY_VARIABLE = "VAELIB_CPU_THREADS"
-
-# The count torch chose when vaelib was imported (its default unless the
-# caller set one before that).
-_TORCH_DEFAULT = torch.get_num_threads()
-
-
-def torch_default_threads() -> int:
-    """The number of threads torch had when vaelib was imported (its default)."""
-    return _TORCH_DEFAULT
-
-
-def policy_enabled() -> bool:
-    """False when ``VAELIB_CPU_THREADS=torch`` asks vaelib to leave torch's thread count alone."""
-    return os.environ.get(POLICY_VARIABLE, "auto").strip().lower() != "torch"
-
-
-def caller_chose_threads() -> bool:
-    """Whether the caller fixed the thread count (``torch.set_num_threads`` or an environment variable)."""
-    if any(os.environ.get(name, "").strip() for name in THREAD_VARIABLES):
-        return True
-    return torch.get_num_threads() != torch_default_threads()
-
-
-def machine_busy() -> bool:
-    """Whether the 1-minute load average already fills the CPUs this process may use."""
-    try:
-        load = os.getloadavg()[0]
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return False
-    return load >= cpus
-
-
-def matmul_work(model: object, rows: int) -> int:
-    """Multiply-adds of the largest matrix product in a pass of ``rows`` rows through ``model``.
-
-    .. math::
-
-        W = \\text{rows} \\times \\max_{\\text{layers}} d_\\text{in} \\, d_\\text{out}
-
-    For a model without linear layers (the linear-Gaussian model) the
-    product is its ``x_dim`` by ``z_dim`` matrix.
-    """
-    sizes = []
-    if isinstance(model, nn.Module):
-        sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
-    if not sizes:
-        sizes = [int(getattr(model, "x_dim", 1)) * int(getattr(model, "z_dim", 1))]
-    return int(rows) * max(sizes)
-
-
-def thread_options(device: torch.device | str, work: int) -> tuple[int, ...]:
-    """The thread counts worth timing for ``work`` multiply-adds per product on ``device``.
-
-    Returns
-    -------
-    tuple of int
-        ``()`` when vaelib must leave the count alone (another device, the
-        caller fixed it, or the policy is off); ``(1,)`` for small work;
-        otherwise ``(1, n)`` with ``n`` torch's default count (``(1,)`` on a
-        one-core machine).
-    """
-    if torch.device(device).type != "cpu" or not policy_enabled() or caller_chose_threads():
-        return ()
-    default = torch_default_threads()
-    if work < SMALL_WORK or default <= 1:
-        return (1,)
-    return (1, default)
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device | str, work: int) -> Iterator[int]:
-    """Run the block on one thread if ``work`` is small, else on torch's count; then restore it.
-
-    For one-off work that cannot be timed step by step. Yields the count used.
-    """
-    options = thread_options(device, work)
-    before = torch.get_num_threads()
-    n = options[0] if len(options) == 1 else before
-    try:
-        if n != before:
-            torch.set_num_threads(n)
-        yield n
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 class StepThreads:
@@ -195,7 +93,7 @@ class StepThreads:
     device : torch.device or str
         Only CPU loops are tuned; elsewhere :meth:`step` does nothing.
     work : int
-        Multiply-adds per matrix product in a step (:func:`matmul_work`).
+        Multiply-adds per matrix product in a step (:func:`~vaelib._runtime.thread_policy.matmul_work`).
     trials : int
         Timed steps per candidate that make up its estimate.
     explore_every : int
@@ -339,3 +237,45 @@ class StepThreads:
             extra = max(elapsed - self._median(best), 0.0)
             self._next_try_at = max(self._next_try_at, self.spent + extra / self.overhead)
             self._next_try_clock = max(self._next_try_clock, time.perf_counter() + extra / self.overhead)
+
+
+@contextlib.contextmanager
+def compute_threads(
+    device: torch.device | str, model: object, rows: int, *, once: bool = False
+) -> Iterator[Callable[[], AbstractContextManager[int]]]:
+    """The CPU thread policy for a loop of passes of ``rows`` rows through ``model`` on ``device``.
+
+    The one entry point of the math modules into this policy. Yields ``step``:
+    run each step of the loop under ``with step():`` and the steps are timed
+    with one thread and with torch's count, and run on the faster
+    (:class:`StepThreads`)::
+
+        with compute_threads(x.device, model, k * batch) as step:
+            for xb in batches:
+                with step():
+                    ...  # one step
+
+    With ``once=True`` the block is one piece of work that cannot be timed step
+    by step: it runs on one thread if the work is small, else on torch's count
+    (:func:`~vaelib._runtime.thread_policy.cpu_threads`), and ``step()`` does nothing. Either way the
+    caller's count is restored on the way out.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Only CPU work is tuned.
+    model : object
+        The model the rows pass through; its largest matrix product sets the work
+        (:func:`~vaelib._runtime.thread_policy.matmul_work`).
+    rows : int
+        Rows of one pass (a batch, times the samples per data point).
+    once : bool
+        One untimed block rather than a loop of timed steps.
+    """
+    work = matmul_work(model, rows)
+    if once:
+        with cpu_threads(device, work) as n:
+            yield lambda: contextlib.nullcontext(n)
+        return
+    with StepThreads(device, work) as threads:
+        yield threads.step

@@ -13,15 +13,15 @@ each frame, the quantities that the three roads relate:
     \\mathcal{L}(q) = \\mathbb{E}_q[\\log p(x \\mid z)] - \\mathrm{KL}(q \\,\\Vert\\, p(z))
     = \\mathcal{L}_1 \\le \\mathcal{L}_k \\le \\log p(x).
 
-:func:`plot_frame` draws one frame with matplotlib, :func:`interactive` puts it
-behind ipywidgets sliders in a live notebook, and :func:`slider_html` renders
-all frames as a self-contained HTML and JavaScript figure that works on a
+:mod:`vaelib.book.slider` shows the frames: :func:`~vaelib.book.slider.plot_frame`
+draws one with matplotlib, :func:`~vaelib.book.slider.interactive` puts it behind
+ipywidgets sliders in a live notebook, and :func:`~vaelib.book.slider.slider_html`
+renders all frames as a self-contained HTML and JavaScript figure that works on a
 static page with no kernel. The chapter "Three roads, one number" uses them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +32,10 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelib._checks import check_positive_int
-from vaelib._slider import SLIDER_TEMPLATE, table_rows
 from vaelib.bounds import elbo_from_log_weights, iwae_from_log_weights, log_weights
 from vaelib.toy import LinearGaussian, as_multivariate_normal
 
-__all__ = ["GapFrames", "bound_estimate", "gap_frames", "interactive", "jensen_gap", "plot_frame", "slider_html"]
+__all__ = ["GapFrames", "bound_estimate", "gap_frames", "jensen_gap"]
 
 
 @dataclass(frozen=True)
@@ -268,126 +267,3 @@ def bound_estimate(
     log_w = log_weights(x.expand(reps, -1), q.expand((reps,)), log_joint, k)  # (k, reps)
     estimates = iwae_from_log_weights(log_w)  # (reps,)
     return estimates.mean(), estimates.std() / math.sqrt(reps)
-
-
-def _nearest(values: Tensor, target: float) -> int:
-    return int((values - target).abs().argmin())
-
-
-def slider_html(frames: GapFrames, *, element_id: str = "synthesis-slider") -> str:
-    """A self-contained HTML and JavaScript figure of ``frames`` with two sliders.
-
-    The left panel draws the prior, the posterior and the frame's :math:`q`; the
-    right panel draws :math:`\\mathcal{L}_1 = \\mathcal{L}(q)` and the
-    :math:`\\mathcal{L}_k` of ``frames.ks`` against :math:`k`, the line
-    :math:`\\log p(x)`, and the gap :math:`\\mathrm{KL}(q \\,\\Vert\\, p(z \\mid x))`
-    as a bar; a table lists every value. The frames travel as JSON inside the
-    page and nothing is fetched, so the figure works on a static site offline.
-
-    Parameters
-    ----------
-    frames : GapFrames
-        From :func:`gap_frames`.
-    element_id : str
-        The HTML id of the figure, unique on its page.
-
-    Returns
-    -------
-    str
-        HTML for ``IPython.display.HTML``.
-    """
-    if not isinstance(frames, GapFrames):
-        raise TypeError(f"frames: expected GapFrames, got {type(frames).__name__}")
-    if not isinstance(element_id, str) or not element_id.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"element_id: expected letters, digits, '-' or '_', got {element_id!r}")
-    mu, s = frames.posterior_loc, frames.posterior_scale
-    bounds = torch.cat([frames.elbo[None], frames.iwae])  # (1 + len(ks), S, W)
-    spread = (frames.shifts.abs().max() + 3 * frames.widths.max()).item() * s
-    peak = 1 / (math.sqrt(2 * math.pi) * s * min(1.0, frames.widths.min().item()))
-    data = {
-        "ks": [1, *frames.ks],
-        "widths": len(frames.widths),
-        "mu": mu,
-        "s": s,
-        "log_px": frames.log_px,
-        "zmin": math.floor(min(mu - spread, -3.0)),
-        "zmax": math.ceil(max(mu + spread, 3.0)),
-        "pmax": 1.05 * peak,
-        # Far-off frames have ELBOs many nats down; the axis keeps the last few nats legible
-        # and the script pins lower values to its bottom (the table shows them all).
-        "lo": math.floor(max(min(bounds.min().item(), frames.log_px - 1), frames.log_px - 5)),
-        "hi": math.ceil(frames.log_px + 0.5),
-        "loc": [round(v, 4) for v in frames.loc.flatten().tolist()],
-        "scale": [round(v, 4) for v in frames.scale.flatten().tolist()],
-        "kl_prior": [round(v, 4) for v in frames.kl_prior.flatten().tolist()],
-        "kl_posterior": [round(v, 4) for v in frames.kl_posterior.flatten().tolist()],
-        "bounds": [[round(v, 4) for v in row] for row in bounds.flatten(1).T.tolist()],  # (S * W, 1 + len(ks))
-    }
-    fill = {
-        "__ID__": element_id,
-        "__DATA__": json.dumps(data, separators=(",", ":")),
-        "__SMAX__": str(len(frames.shifts) - 1),
-        "__WMAX__": str(len(frames.widths) - 1),
-        "__S0__": str(_nearest(frames.shifts, 1.0)),
-        "__W0__": str(_nearest(frames.widths, 1.5)),
-        "__ROWS__": table_rows(frames),
-    }
-    html = SLIDER_TEMPLATE
-    for key, value in fill.items():
-        html = html.replace(key, value)
-    return html
-
-
-def plot_frame(frames: GapFrames, i: int, j: int, *, fig: Any = None) -> Any:
-    """Draw frame ``(i, j)`` with matplotlib: the densities, and the bounds against ``k``.
-
-    Returns the figure (two panels, about ``(10, 3.5)`` inches).
-    """
-    import matplotlib.pyplot as plt
-
-    if not (0 <= i < len(frames.shifts) and 0 <= j < len(frames.widths)):
-        raise ValueError(f"i, j: expected a frame in [0, {len(frames.shifts)}) x [0, {len(frames.widths)}), got {i, j}")
-    if fig is None:
-        fig = plt.figure(figsize=(10, 3.5))
-    fig.clear()
-    ax0, ax1 = fig.subplots(1, 2)
-    mu, s = frames.posterior_loc, frames.posterior_scale
-    loc, scale = frames.loc[i, j].item(), frames.scale[i, j].item()
-    z = torch.linspace(min(mu, loc) - 4 * max(s, scale), max(mu, loc) + 4 * max(s, scale), 400)
-    for dist, style, label in [
-        (Normal(0.0, 1.0), dict(color="0.5"), "prior p(z)"),
-        (Normal(mu, s), dict(color="k", ls="--"), "posterior p(z | x)"),
-        (Normal(loc, scale), dict(color="tab:red"), "q"),
-    ]:
-        ax0.plot(z, dist.log_prob(z).exp(), label=label, **style)
-    ax0.set(xlabel="z", ylabel="density", title=f"q = N({loc:.2f}, {scale:.2f}²)")
-    ax0.legend(fontsize=8)
-    ks = [1, *frames.ks]
-    bounds = [frames.elbo[i, j].item(), *frames.iwae[:, i, j].tolist()]
-    ax1.plot(ks, bounds, "o-", color="tab:red", label="$\\mathcal{L}_k$ ($\\mathcal{L}_1$ = ELBO)")
-    ax1.axhline(frames.log_px, color="k", label="log p(x)")
-    ax1.vlines(1, bounds[0], frames.log_px, color="tab:blue", lw=6, alpha=0.4, label="KL(q ‖ p(z | x))")
-    ax1.set(xscale="log", xlabel="number of samples k (log scale)", ylabel="nats")
-    ax1.set_title(f"KL(q ‖ p(z)) = {frames.kl_prior[i, j].item():.2f} nats", fontsize=10)
-    ax1.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def interactive(frames: GapFrames) -> Any:
-    """:func:`plot_frame` behind two ipywidgets sliders, or ``None`` where ipywidgets is not installed."""
-    try:
-        import ipywidgets  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    import matplotlib.pyplot as plt
-
-    def show(shift: int, width: int) -> None:
-        plot_frame(frames, shift, width)
-        plt.show()
-
-    sliders = {
-        "shift": ipywidgets.IntSlider(value=_nearest(frames.shifts, 1.0), min=0, max=len(frames.shifts) - 1),
-        "width": ipywidgets.IntSlider(value=_nearest(frames.widths, 1.5), min=0, max=len(frames.widths) - 1),
-    }
-    return ipywidgets.interactive(show, **sliders)
