@@ -68,24 +68,24 @@ def train(
             if dist.get_rank() == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    history = vaelib.fit(
-        vae,
-        Pairs(x) if stream else x,
-        objective=mean_code_bound,
-        binarize=False,
-        epochs=epochs,
-        batch_size=BATCH,
-        lr=1e-2,
-        seed=3,
-        device="cpu",
-        matmul_precision="highest",
-        checkpoint=checkpoint,
-        resume=resume,
-        progress=False,
-        callback=kill if kill_after is not None else None,
-        stream=stream,
-        loader_workers=1,
-    )
+    data = torch.utils.data.DataLoader(Pairs(x), num_workers=1) if stream else x
+    with vaelib.training_precision("highest"):
+        history = vaelib.fit(
+            vae,
+            data,
+            objective=mean_code_bound,
+            binarize=False,
+            epochs=epochs,
+            batch_size=BATCH,
+            lr=1e-2,
+            seed=3,
+            device="cpu",
+            checkpoint=checkpoint,
+            if_exists="resume" if resume else "error",
+            progress=False,
+            callbacks=[kill] if kill_after is not None else None,
+            stream=stream,
+        )
     return vae, history
 
 

@@ -57,3 +57,16 @@ def within_standard_errors(samples: torch.Tensor, target: torch.Tensor, n_se: fl
     n = samples.shape[0]
     se = samples.std(dim=0) / n**0.5
     return bool(((samples.mean(dim=0) - target).abs() <= n_se * se).all())
+
+
+@pytest.fixture(scope="module")
+def gap_setup():
+    """A 2-d linear-Gaussian toy, one observation, and its gap frames over 3 shifts x 3 widths of q."""
+    from vaelib.book.synthesis import gap_frames
+
+    toy = vaelib.LinearGaussian.random(x_dim=2, z_dim=1, noise_std=0.5, seed=0, dtype=torch.float64)
+    x, _ = toy.sample(1, generator=torch.Generator().manual_seed(1))
+    shifts = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    widths = torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64)
+    frames = gap_frames(toy, x, shifts, widths, ks=(4, 64), draws=20_000, seed=0)
+    return toy, x, frames

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 
 import pytest
@@ -97,8 +98,8 @@ def test_early_stopping_restores_the_best_weights(digits):
     assert not same(weights(vae), recorder.weights[6])
 
 
-def test_the_patience_shorthand_adds_early_stopping(digits):
-    """restore_best=True, patience=1 behave as EarlyStopping(patience=1, restore_best_weights=True)."""
+def test_early_stopping_with_restored_weights(digits):
+    """EarlyStopping(patience=1, restore_best_weights=True) stops after a worse validation and restores the best."""
     train, test = digits
     recorder = Recorder()
     vae = tiny()
@@ -108,9 +109,7 @@ def test_the_patience_shorthand_adds_early_stopping(digits):
         valid_x=test,
         epochs=20,
         lr=3e-3,
-        restore_best=True,
-        patience=1,
-        callbacks=[recorder, Scrambler(3)],
+        callbacks=[vaelib.EarlyStopping(patience=1, restore_best_weights=True), recorder, Scrambler(3)],
         **OPTIONS,
     )
     assert history.epoch == [1, 2, 3, 4]
@@ -119,12 +118,18 @@ def test_the_patience_shorthand_adds_early_stopping(digits):
 
 
 def test_restore_best_without_patience_trains_to_the_end(digits):
-    """restore_best alone never stops, and leaves the model at the best validated epoch."""
+    """EarlyStopping(patience=inf, restore_best_weights=True) never stops, and leaves the best validated epoch."""
     train, test = digits
     recorder = Recorder()
     vae = tiny()
     history = vaelib.fit(
-        vae, train, valid_x=test, epochs=5, lr=3e-3, restore_best=True, callbacks=[recorder, Scrambler(3)], **OPTIONS
+        vae,
+        train,
+        valid_x=test,
+        epochs=5,
+        lr=3e-3,
+        callbacks=[vaelib.EarlyStopping(patience=math.inf, restore_best_weights=True), recorder, Scrambler(3)],
+        **OPTIONS,
     )
     assert len(history) == 5 and history.stopped is None
     best = max(range(5), key=lambda i: history.valid_bound[i]) + 1

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import vaelib
+from tests._faults import FullDisk
 from vaelib._io.atomic import WriteError
 from vaelib.cli import main
 from vaelib.training.model_file import CheckpointError, atomic_save, read_checkpoint
@@ -141,7 +142,7 @@ def test_damaged_checkpoint_is_a_clear_error(checkpoint, tmp_path, name):
         vaelib.load(path)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: "):
-        vaelib.fit(tiny(), torch.rand(10, X_DIM), epochs=3, checkpoint=path, resume=True, progress=False)
+        vaelib.fit(tiny(), torch.rand(10, X_DIM), epochs=3, checkpoint=path, progress=False, if_exists="resume")
 
 
 def test_flipped_bit_in_the_weights_is_caught(checkpoint, tmp_path):
@@ -177,21 +178,23 @@ def test_resume_into_a_model_of_another_shape(checkpoint, digits):
         match=rf"^{re.escape(str(checkpoint))}: written for another architecture \(saved, now\): "
         r"\{'hidden': \(\[8\], \[16\]\)\}",
     ):
-        vaelib.fit(other, digits, epochs=3, checkpoint=checkpoint, resume=True, device="cpu", progress=False)
+        vaelib.fit(other, digits, epochs=3, checkpoint=checkpoint, device="cpu", progress=False, if_exists="resume")
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
 def test_resume_with_other_settings(checkpoint, digits):
     """Different training settings would silently change the run: refused, with the difference shown."""
-    with pytest.raises(CheckpointError, match=r"other training settings \(saved, now\): \{'lr': \(0\.001, 0\.01\)\}"):
-        vaelib.fit(tiny(), digits, epochs=3, lr=0.01, checkpoint=checkpoint, resume=True, progress=False)
+    with pytest.raises(
+        CheckpointError, match=r"other training settings: other settings \(saved, now\): \{'lr': \(0\.001, 0\.01\)\}"
+    ):
+        vaelib.fit(tiny(), digits, epochs=3, lr=0.01, checkpoint=checkpoint, progress=False, if_exists="resume")
 
 
 def test_resume_from_a_saved_model(tmp_path, digits):
     """A file from vaelib.save is a model, not a checkpoint to resume."""
     path = vaelib.save(tiny(), tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match="a saved model, not a training checkpoint"):
-        vaelib.fit(tiny(), digits, epochs=1, checkpoint=path, resume=True, progress=False)
+        vaelib.fit(tiny(), digits, epochs=1, checkpoint=path, progress=False, if_exists="resume")
 
 
 def test_weights_that_do_not_fit_the_recorded_architecture(checkpoint, tmp_path):
@@ -313,30 +316,6 @@ def _inflating_copy(good: Path, bad: Path, inflated: int) -> None:
                     f.write(zeros)
 
 
-class _FullDisk:
-    """Stands for a file system that fills up: file writes fail with ENOSPC once armed."""
-
-    def __init__(self, monkeypatch, after: int) -> None:
-        self.calls, self.after, real = 0, after, os.fdopen
-
-        def fdopen(fd, *args, **kwargs):
-            f = real(fd, *args, **kwargs)
-            self.calls += 1
-            if self.calls <= self.after:
-                return f
-            f.close()
-            fd2 = os.open(os.devnull, os.O_WRONLY)
-            broken = real(fd2, "wb")
-
-            def write(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-            broken.write = write
-            return broken
-
-        monkeypatch.setattr(vaelib._io.atomic.os, "fdopen", fdopen)
-
-
 @pytest.mark.slow
 def test_crafted_checkpoints_are_refused_in_bounded_memory(tmp_path, digits):
     """A recorded architecture of 742 MB or of 10**12 units, and a 256 MB zip bomb, each in a file of
@@ -387,7 +366,7 @@ def test_tensor_reaching_outside_its_storage_is_refused(tmp_path, digits):
 
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, digits):
     path = tmp_path / "checkpoint.pt"
-    _FullDisk(monkeypatch, after=1)  # the first checkpoint is written, the second is not
+    FullDisk(monkeypatch, after=1)  # the first checkpoint is written, the second is not
     with pytest.raises(WriteError) as err:
         vaelib.fit(tiny(), digits, epochs=3, checkpoint=path, progress=False)
     monkeypatch.undo()
@@ -408,7 +387,7 @@ def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, digits, value, c
     with pytest.raises(CheckpointError, match=pattern):
         vaelib.load(path)
     with pytest.raises(CheckpointError, match=pattern):
-        vaelib.fit(tiny(), digits, epochs=2, checkpoint=path, resume=True, progress=False)
+        vaelib.fit(tiny(), digits, epochs=2, checkpoint=path, progress=False, if_exists="resume")
     (path.parent / "run.json").write_text(json.dumps({"format": "vaelib-run", "data": "digits", "seed": 0}))
     assert run(["evaluate", path.parent, "--k", "2"]) == 2
     assert "holds NaN or infinite values" in one_line_error(capsys)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import vaelib
+from tests._faults import HOLD_LOCK, FullDisk
 from vaelib._io.lock import RunLocked
 from vaelib.cli import build_parser, main
 from vaelib.training.model_file import CheckpointError, read_checkpoint
@@ -56,7 +56,8 @@ def test_train_writes_the_run(trained):
     assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "metrics.json", "run.json", "samples.png"]
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["history"]["epoch"] == [1, 2] and metrics["history"]["objective"] == "iwae"
-    assert metrics["settings"]["hidden"] == [8] and metrics["settings"]["k"] == 3 and metrics["n_test"] == 297
+    assert metrics["settings"]["hidden"] == [8] and metrics["n_test"] == 297
+    assert metrics["settings"]["objective"] == {"name": "IWAE", "k": 3, "estimator": "reparam"}
     assert metrics["settings"]["matmul_precision"] == "medium"
     assert metrics["test_bound"]["k"] == 3 and math.isfinite(metrics["test_bound"]["nats"])
     ll = metrics["test_log_likelihood"]
@@ -64,6 +65,35 @@ def test_train_writes_the_run(trained):
     assert (trained / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     vae = vaelib.load(trained / "checkpoint.pt")
     assert vae.config.hidden == (8,) and vae.z_dim == 2 and read_checkpoint(trained / "checkpoint.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "value", "scored"),
+    [
+        (["--objective", "elbo", "--analytic-kl"], vaelib.ELBO(analytic_kl=True), "ELBO"),
+        (["--objective", "iwae", "--k", "3", "--estimator", "dreg"], vaelib.IWAE(k=3, estimator="dreg"), "IWAE"),
+        (
+            ["--objective", "beta-elbo", "--beta", "0.5", "--warmup-epochs", "1"],
+            vaelib.BetaELBO(0.5, warmup_epochs=1),
+            "ELBO",
+        ),
+        (["--objective", "renyi", "--alpha", "0.5", "--k", "3"], vaelib.Renyi(0.5, k=3), "Renyi"),
+    ],
+    ids=["elbo", "iwae", "beta-elbo", "renyi"],
+)
+def test_each_objective_value_trains_from_the_command_line(tmp_path, capsys, flags, value, scored):
+    """The CLI builds the objective value fit takes, records it, scores the test set with its bound,
+    and a resume with other objective settings is refused, naming both."""
+    out = tmp_path / "run"
+    assert run(["train", *flags, *TINY, "--out", out]) == 0
+    recorded = json.loads((out / "run.json").read_text())["objective"]
+    assert recorded == value.settings()
+    assert read_checkpoint(out / "checkpoint.pt")["settings"]["objective"] == value.settings()
+    assert json.loads((out / "metrics.json").read_text())["test_bound"]["objective"]["name"] == scored
+    capsys.readouterr()
+    assert run(["train", *flags, "--k", "7", *TINY, "--epochs", "3", "--out", out, "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "other options" in error and "--objective" in error and "k=7" in error
 
 
 def test_one_line_per_epoch_when_not_a_terminal(tmp_path, capsys):
@@ -182,7 +212,8 @@ def _bad_runs(tmp: Path, trained: Path) -> dict[str, tuple[list, str]]:
         "existing run": (["train", *TINY, "--out", trained], r"already holds a run .* add --resume"),
         "resume other": (
             ["train", *TINY, "--hidden", "16", "--out", trained, "--resume"],
-            r"--resume: .* other options \(--hidden \[8\] then, \[16\] now; --objective iwae then, elbo now; --k 3",
+            r"--resume: .* other options \(--hidden \[8\] then, \[16\] now; "
+            r"--objective IWAE\(k=3, estimator='reparam'\) then, ELBO\(k=1, analytic_kl=False\) now",
         ),
         "evaluate nothing": (["evaluate", tmp / "nothing"], r"nothing/checkpoint\.pt: no checkpoint"),
         "evaluate corrupt": (["evaluate", corrupt], r"corrupt/checkpoint\.pt: not a readable checkpoint"),
@@ -404,42 +435,6 @@ def run_folder(tmp_path) -> Path:
     return out
 
 
-# Holds the lock until told to stop; loads vaelib/_io/lock.py alone, so it starts without importing torch.
-HOLD_LOCK = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_lock", {vaelib._io.lock.__file__!r})
-lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lock)
-with lock.exclusive(sys.argv[1], "test"):
-    print("locked", flush=True)
-    sys.stdin.readline()
-"""
-
-
-class _FullDisk:
-    """Stands for a file system that fills up: file writes fail with ENOSPC once armed."""
-
-    def __init__(self, monkeypatch, after: int) -> None:
-        self.calls, self.after, real = 0, after, os.fdopen
-
-        def fdopen(fd, *args, **kwargs):
-            f = real(fd, *args, **kwargs)
-            self.calls += 1
-            if self.calls <= self.after:
-                return f
-            f.close()
-            fd2 = os.open(os.devnull, os.O_WRONLY)
-            broken = real(fd2, "wb")
-
-            def write(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-            broken.write = write
-            return broken
-
-        monkeypatch.setattr(vaelib._io.atomic.os, "fdopen", fdopen)
-
-
 FSIZE = """
 import os, resource, signal, sys
 from vaelib.cli import main
@@ -500,7 +495,7 @@ def test_out_must_be_a_run_a_new_folder_or_an_empty_one(tmp_path, capsys):
 
 def test_full_disk_in_the_command_line(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    _FullDisk(monkeypatch, after=2)  # run.json and the first checkpoint
+    FullDisk(monkeypatch, after=2)  # run.json and the first checkpoint
     assert run(["train", *QUICK, "--epochs", "3", "--out", out]) == 2
     monkeypatch.undo()
     err = one_line_error(capsys)

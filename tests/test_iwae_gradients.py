@@ -10,7 +10,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 import vaelib
 from vaelib.estimators import gradient_samples, gradient_statistics
-from vaelib.iwae_gradients import iwae_gradient_samples, iwae_objective, iwae_surrogate
+from vaelib.iwae_gradients import iwae_gradient_samples, iwae_surrogate
 
 
 def _learnable(toy, toy_data, shift=0.3):
@@ -142,10 +142,10 @@ def test_gradient_statistics():
 
 
 def test_objective_backward_reaches_every_parameter():
-    """iwae_objective(k, estimator) is (vae, x) -> (batch,) with gradients for encoder and decoder."""
+    """vaelib.IWAE(k, estimator) is (vae, x) -> (batch,) with gradients for encoder and decoder."""
     vae = vaelib.VAE.mlp(x_dim=6, z_dim=2, hidden=(5,)).double()
     x = torch.bernoulli(torch.full((4, 6), 0.5, dtype=torch.float64))
-    value = iwae_objective(4, estimator="dreg")(vae, x)
+    value = vaelib.IWAE(k=4, estimator="dreg")(vae, x)
     assert value.shape == (4,)
     value.sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in vae.parameters())
@@ -161,7 +161,7 @@ def test_bad_arguments(toy, toy_data):
     with pytest.raises(ValueError, match="params"):
         iwae_gradient_samples(toy_data, lambda x: q, toy, [toy.W], estimator="dreg", n=2)
     with pytest.raises(ValueError, match="k"):
-        iwae_objective(0)
+        vaelib.IWAE(k=0)
 
 
 def test_gradient_samples_takes_an_iwae_surrogate(toy, toy_data):

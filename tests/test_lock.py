@@ -6,22 +6,10 @@ import os
 import subprocess
 import sys
 
-import vaelib
+from tests._faults import HOLD_LOCK
 from vaelib._io.lock import exclusive
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VAELIB_PROGRESS": "0", "MPLBACKEND": "Agg"}
-
-
-# Holds the lock until told to stop; loads vaelib/_io/lock.py alone, so it starts without importing torch.
-HOLD_LOCK = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_lock", {vaelib._io.lock.__file__!r})
-lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lock)
-with lock.exclusive(sys.argv[1], "test"):
-    print("locked", flush=True)
-    sys.stdin.readline()
-"""
 
 
 def test_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp_path):

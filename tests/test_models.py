@@ -315,11 +315,11 @@ def test_conv_training_resumes_exactly(tmp_path, images):
     vaelib.fit(part, train, epochs=1, checkpoint=tmp_path / "c.pt", **options)
     torch.manual_seed(0)
     resumed = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 16))
-    vaelib.fit(resumed, train, epochs=3, checkpoint=tmp_path / "c.pt", resume=True, **options)
+    vaelib.fit(resumed, train, epochs=3, checkpoint=tmp_path / "c.pt", if_exists="resume", **options)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
     other = vaelib.VAE.conv((1, 8, 8), z_dim=4, channels=(8, 8))
     with pytest.raises(vaelib.CheckpointError, match="another architecture"):
-        vaelib.fit(other, train, epochs=3, checkpoint=tmp_path / "c.pt", resume=True, **options)
+        vaelib.fit(other, train, epochs=3, checkpoint=tmp_path / "c.pt", if_exists="resume", **options)
 
 
 X_DIM = 64

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import vaelib
-from vaelib.checkpoint import CheckpointError, write_training_checkpoint
-from vaelib.cli import build_parser, objective_from_args
-from vaelib.history import History
+from vaelib._cli_parser import objective_from_args
+from vaelib.cli import build_parser
 from vaelib.objectives import (
     describe,
     epoch_objective,
@@ -22,7 +21,10 @@ from vaelib.objectives import (
     upgrade_settings,
     validation_objective,
 )
-from vaelib.train import run_settings
+from vaelib.training.checkpoint import write_training_checkpoint
+from vaelib.training.fit import run_settings
+from vaelib.training.history import History
+from vaelib.training.model_file import CheckpointError
 
 
 @pytest.fixture
@@ -302,7 +304,7 @@ def test_the_cli_refuses_flags_of_another_objective(argv, message):
 
 def test_training_precision_sets_what_fit_trains_at():
     """fit trains at "medium" unless called inside vaelib.training_precision; the caller's setting is kept."""
-    from vaelib.devices import fit_precision
+    from vaelib._runtime.devices import fit_precision
 
     before = torch.get_float32_matmul_precision()
     assert fit_precision() == "medium"

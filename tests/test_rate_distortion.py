@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributions import Distribution, TransformedDistribution, kl_divergence
 
 import vaelib
-from vaelib.rate_distortion import BetaObjective, beta_elbo, kl_warmup, rate_distortion
+from vaelib.rate_distortion import beta_elbo, kl_warmup, rate_distortion
 
 OPTIONS = {"device": "cpu", "progress": False, "batch_size": 50}
 
@@ -198,20 +198,29 @@ def test_fit_asks_the_schedule_once_per_epoch(tmp_path, digits):
         return 1.0
 
     path = tmp_path / "run.pt"
-    vaelib.fit(tiny(), digits, epochs=2, kl_schedule=schedule, checkpoint=path, **OPTIONS)
+    vaelib.fit(tiny(), digits, objective=vaelib.BetaELBO(schedule=schedule), epochs=2, checkpoint=path, **OPTIONS)
     assert asked[:2] == [1, 2]
     asked.clear()
-    vaelib.fit(tiny(), digits, epochs=3, kl_schedule=schedule, checkpoint=path, resume=True, **OPTIONS)
+    vaelib.fit(
+        tiny(),
+        digits,
+        objective=vaelib.BetaELBO(schedule=schedule),
+        epochs=3,
+        checkpoint=path,
+        if_exists="resume",
+        **OPTIONS,
+    )
     assert asked[0] == 3
 
 
 def test_default_options_train_as_before(digits):
-    """beta=1, no warm-up and no free bits is today's fit, bitwise; so is a schedule of constant weight 1."""
+    """BetaELBO at beta=1, no warm-up and no free bits is the ELBO with the KL in closed form, bitwise;
+    so is a schedule of constant weight 1."""
     a, b, c, d = tiny(), tiny(), tiny(), tiny()
-    ha = vaelib.fit(a, digits, epochs=2, analytic_kl=True, **OPTIONS)
-    hb = vaelib.fit(b, digits, epochs=2, analytic_kl=True, beta=1.0, kl_warmup_epochs=0, free_bits=0.0, **OPTIONS)
-    hc = vaelib.fit(c, digits, epochs=2, analytic_kl=True, kl_schedule=lambda epoch: 1.0, **OPTIONS)
-    hd = vaelib.fit(d, digits, epochs=2, objective=BetaObjective(1.0), **OPTIONS)
+    ha = vaelib.fit(a, digits, objective=vaelib.ELBO(analytic_kl=True), epochs=2, **OPTIONS)
+    hb = vaelib.fit(b, digits, objective=vaelib.BetaELBO(beta=1.0, warmup_epochs=0, free_bits=0.0), epochs=2, **OPTIONS)
+    hc = vaelib.fit(c, digits, objective=vaelib.BetaELBO(schedule=lambda epoch: 1.0), epochs=2, **OPTIONS)
+    hd = vaelib.fit(d, digits, epochs=2, objective=vaelib.BetaELBO(), **OPTIONS)
     for other, history in ((b, hb), (c, hc), (d, hd)):
         assert same(weights(a), weights(other))
         assert ha.train_bound == history.train_bound
@@ -220,8 +229,8 @@ def test_default_options_train_as_before(digits):
 def test_warmup_starts_as_an_autoencoder(digits):
     """The first warm-up epoch trains with weight 0: bitwise the same as beta=0 for one epoch."""
     a, b, c = tiny(), tiny(), tiny()
-    vaelib.fit(a, digits, epochs=1, kl_warmup_epochs=3, **OPTIONS)
-    vaelib.fit(b, digits, epochs=1, beta=0.0, **OPTIONS)
+    vaelib.fit(a, digits, objective=vaelib.BetaELBO(warmup_epochs=3), epochs=1, **OPTIONS)
+    vaelib.fit(b, digits, objective=vaelib.BetaELBO(beta=0.0), epochs=1, **OPTIONS)
     vaelib.fit(c, digits, epochs=1, **OPTIONS)
     assert same(weights(a), weights(b))
     assert not same(weights(a), weights(c))
@@ -232,8 +241,8 @@ def test_large_beta_collapses_and_free_bits_keep_the_floor(digits):
     x = vaelib.data.binarize(digits, generator=torch.Generator().manual_seed(0))
     z_dim, lam = 4, 0.5
     collapsed, kept = tiny(z_dim=z_dim, hidden=(64,)), tiny(z_dim=z_dim, hidden=(64,))
-    vaelib.fit(collapsed, digits, epochs=25, beta=8.0, **OPTIONS)
-    vaelib.fit(kept, digits, epochs=25, beta=8.0, free_bits=lam, **OPTIONS)
+    vaelib.fit(collapsed, digits, objective=vaelib.BetaELBO(beta=8.0), epochs=25, **OPTIONS)
+    vaelib.fit(kept, digits, objective=vaelib.BetaELBO(beta=8.0, free_bits=lam), epochs=25, **OPTIONS)
     with torch.no_grad():
         r_collapsed = rate_distortion(collapsed, x, seed=0).rate
         r_kept = rate_distortion(kept, x, seed=0).rate
@@ -249,30 +258,32 @@ def test_large_beta_collapses_and_free_bits_keep_the_floor(digits):
         ({"beta": -1.0}, ValueError, "beta: expected a finite number >= 0"),
         ({"beta": float("nan")}, TypeError, "beta: expected a finite number >= 0"),
         ({"free_bits": -0.1}, ValueError, "free_bits: expected a finite number >= 0"),
-        ({"kl_warmup_epochs": -1}, ValueError, "kl_warmup_epochs: expected an integer >= 0"),
-        ({"kl_schedule": 3}, TypeError, "kl_schedule: expected a function"),
-        ({"kl_schedule": lambda e: 1.0, "beta": 2.0}, ValueError, "kl_schedule: gives the KL weight"),
-        ({"beta": 2.0, "objective": "iwae", "k": 3}, ValueError, "beta: .* objective='elbo' only, got iwae"),
-        ({"free_bits": 1.0, "objective": lambda v, x: v.elbo(x)}, ValueError, "free_bits: .* got a callable"),
-        ({"kl_warmup_epochs": 2, "estimator": "stl"}, ValueError, "kl_warmup_epochs: applies to the reparam"),
+        ({"warmup_epochs": -1}, ValueError, "warmup_epochs: expected an integer >= 0"),
+        ({"schedule": 3}, TypeError, "schedule: expected a function"),
+        ({"schedule": lambda e: 1.0, "beta": 2.0}, ValueError, "schedule: gives the KL weight"),
     ],
 )
-def test_bad_options_are_refused(digits, kwargs, error, message):
-    """Each bad option raises before training, naming the argument."""
+def test_bad_options_are_refused(kwargs, error, message):
+    """Each bad field of BetaELBO raises where it is written, naming the field."""
     with pytest.raises(error, match=message):
-        vaelib.fit(tiny(), digits, epochs=1, **(OPTIONS | kwargs))
+        vaelib.BetaELBO(**kwargs)
 
 
 def test_a_schedule_returning_a_negative_weight_is_named(digits):
     """A schedule's bad value is refused with the epoch it came from."""
-    with pytest.raises(ValueError, match="kl_schedule \\(its value at epoch 1\\)"):
-        vaelib.fit(tiny(), digits, epochs=1, kl_schedule=lambda e: -1.0, **OPTIONS)
+    with pytest.raises(ValueError, match="schedule \\(its value at epoch 1\\)"):
+        vaelib.fit(tiny(), digits, objective=vaelib.BetaELBO(schedule=lambda e: -1.0), epochs=1, **OPTIONS)
 
 
 def test_resume_refuses_another_beta(tmp_path, digits):
-    """beta is part of the run's settings: resuming with another value is refused."""
+    """beta is part of the run's settings: resuming with another value is refused, the same value resumes."""
     path = tmp_path / "run.pt"
-    vaelib.fit(tiny(), digits, epochs=1, beta=2.0, checkpoint=path, **OPTIONS)
-    with pytest.raises(vaelib.CheckpointError):
-        vaelib.fit(tiny(), digits, epochs=2, beta=3.0, checkpoint=path, resume=True, **OPTIONS)
-    assert len(vaelib.fit(tiny(), digits, epochs=2, beta=2.0, checkpoint=path, resume=True, **OPTIONS)) == 2
+    vaelib.fit(tiny(), digits, objective=vaelib.BetaELBO(beta=2.0), epochs=1, checkpoint=path, **OPTIONS)
+
+    def resume(beta: float):
+        objective = vaelib.BetaELBO(beta=beta)
+        return vaelib.fit(tiny(), digits, objective=objective, epochs=2, checkpoint=path, if_exists="resume", **OPTIONS)
+
+    with pytest.raises(vaelib.CheckpointError, match="beta"):
+        resume(3.0)
+    assert len(resume(2.0)) == 2

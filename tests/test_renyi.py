@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vaelib
-from vaelib.renyi import _SMALL, renyi_from_log_weights, renyi_objective
+from vaelib.renyi import SMALL_ONE_MINUS_ALPHA, renyi_from_log_weights
 
 
 def _log_w(toy, toy_data, k=50, seed=0):
@@ -31,8 +31,8 @@ def test_alpha_to_one_is_the_elbo(toy, toy_data):
         gap = renyi_from_log_weights(log_w, 1.0 - s) - elbo
         assert torch.allclose(gap, s * var / 2, rtol=1e-2, atol=1e-12), s
     # The estimate does not jump where the implementation switches formulas.
-    below = renyi_from_log_weights(log_w, 1.0 - _SMALL * (1 + 1e-9))
-    above = renyi_from_log_weights(log_w, 1.0 - _SMALL * (1 - 1e-9))
+    below = renyi_from_log_weights(log_w, 1.0 - SMALL_ONE_MINUS_ALPHA * (1 + 1e-9))
+    above = renyi_from_log_weights(log_w, 1.0 - SMALL_ONE_MINUS_ALPHA * (1 - 1e-9))
     assert torch.allclose(below, above, atol=1e-9)
 
 
@@ -88,7 +88,7 @@ def test_objective_trains_a_vae():
     vae = vaelib.VAE.mlp(x_dim=6, z_dim=2, hidden=(8,)).double()
     x = torch.bernoulli(torch.full((4, 6), 0.5, dtype=torch.float64))
     torch.manual_seed(1)
-    value = renyi_objective(0.5, k=3)(vae, x)
+    value = vaelib.Renyi(0.5, k=3)(vae, x)
     torch.manual_seed(1)
     assert torch.allclose(value, renyi_from_log_weights(vae.log_weights(x, 3), 0.5), atol=1e-12)
     value.sum().backward()
@@ -101,4 +101,4 @@ def test_bad_alpha(toy, toy_data, alpha, error):
     with pytest.raises(error, match="alpha"):
         renyi_from_log_weights(_log_w(toy, toy_data), alpha)
     with pytest.raises(error, match="alpha"):
-        renyi_objective(alpha)
+        vaelib.Renyi(alpha)

@@ -9,28 +9,16 @@ import types
 
 import matplotlib
 import pytest
-import torch
 
-import vaelib
 from vaelib.book.slider import interactive, plot_frame, slider_html
-from vaelib.book.synthesis import GapFrames, gap_frames
+from vaelib.book.synthesis import GapFrames
 
 matplotlib.use("Agg")
 
 
-@pytest.fixture(scope="module")
-def setup():
-    toy = vaelib.LinearGaussian.random(x_dim=2, z_dim=1, noise_std=0.5, seed=0, dtype=torch.float64)
-    x, _ = toy.sample(1, generator=torch.Generator().manual_seed(1))
-    shifts = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    widths = torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64)
-    frames = gap_frames(toy, x, shifts, widths, ks=(4, 64), draws=20_000, seed=0)
-    return toy, x, frames
-
-
-def test_slider_html_embeds_every_frame_and_fetches_nothing(setup):
+def test_slider_html_embeds_every_frame_and_fetches_nothing(gap_setup):
     """The page holds all frames as JSON, two range inputs, and no address to load anything from."""
-    _, _, frames = setup
+    _, _, frames = gap_setup
     html = slider_html(frames, element_id="fig-1")
     (payload,) = re.findall(r'<script type="application/json" class="frames">(.*?)</script>', html, re.S)
     data = json.loads(payload)
@@ -44,17 +32,17 @@ def test_slider_html_embeds_every_frame_and_fetches_nothing(setup):
     assert "__" not in html.replace("__proto__", "")
 
 
-def test_slider_html_argument_errors(setup):
-    _, _, frames = setup
+def test_slider_html_argument_errors(gap_setup):
+    _, _, frames = gap_setup
     with pytest.raises(TypeError, match="frames"):
         slider_html({"elbo": 1})
     with pytest.raises(ValueError, match="element_id"):
         slider_html(frames, element_id='a" onload="x')
 
 
-def test_plot_frame_and_interactive(setup, monkeypatch):
+def test_plot_frame_and_interactive(gap_setup, monkeypatch):
     """plot_frame draws two panels; interactive is None without ipywidgets."""
-    _, _, frames = setup
+    _, _, frames = gap_setup
     fig = plot_frame(frames, 0, 2)
     assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="i, j"):
@@ -64,9 +52,9 @@ def test_plot_frame_and_interactive(setup, monkeypatch):
     assert isinstance(frames, GapFrames)
 
 
-def test_interactive_wires_two_sliders_to_plot_frame(setup, monkeypatch):
+def test_interactive_wires_two_sliders_to_plot_frame(gap_setup, monkeypatch):
     """With ipywidgets present, interactive() builds two integer sliders over the frames and draws a frame."""
-    _, _, frames = setup
+    _, _, frames = gap_setup
     calls = {}
 
     class IntSlider:

@@ -15,19 +15,9 @@ from vaelib.book.synthesis import gap_frames
 matplotlib.use("Agg")
 
 
-@pytest.fixture(scope="module")
-def setup():
-    toy = vaelib.LinearGaussian.random(x_dim=2, z_dim=1, noise_std=0.5, seed=0, dtype=torch.float64)
-    x, _ = toy.sample(1, generator=torch.Generator().manual_seed(1))
-    shifts = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    widths = torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64)
-    frames = gap_frames(toy, x, shifts, widths, ks=(4, 64), draws=20_000, seed=0)
-    return toy, x, frames
-
-
-def test_exact_terms_agree_with_the_hand_derived_gaussian_gap(setup):
+def test_exact_terms_agree_with_the_hand_derived_gaussian_gap(gap_setup):
     """log p(x) - ELBO = KL(q || p(z|x)) = -log r + (r^2 + delta^2)/2 - 1/2, in every frame."""
-    toy, x, frames = setup
+    toy, x, frames = gap_setup
     d, r = frames.shifts[:, None], frames.widths[None, :]
     formula = -r.log() + (r**2 + d**2) / 2 - 0.5
     assert torch.allclose(frames.log_px - frames.elbo, formula, atol=1e-10)
@@ -35,9 +25,9 @@ def test_exact_terms_agree_with_the_hand_derived_gaussian_gap(setup):
     assert frames.log_px == pytest.approx(float(toy.log_marginal(x)[0]), abs=1e-12)
 
 
-def test_kl_to_the_prior_matches_monte_carlo(setup):
+def test_kl_to_the_prior_matches_monte_carlo(gap_setup):
     """KL(q || p(z)) of a frame against the mean of log q - log p(z) over draws of q."""
-    toy, _, frames = setup
+    toy, _, frames = gap_setup
     q = Independent(Normal(frames.loc[2, 2].reshape(1), frames.scale[2, 2].reshape(1)), 1)
     torch.manual_seed(2)
     z = q.sample((200_000,))  # (200000, 1, 1)
@@ -46,16 +36,16 @@ def test_kl_to_the_prior_matches_monte_carlo(setup):
     assert abs(diff.mean() - frames.kl_prior[2, 2]) < 4 * se
 
 
-def test_bounds_at_the_posterior_are_exact(setup):
+def test_bounds_at_the_posterior_are_exact(gap_setup):
     """With q = p(z | x) (shift 0, width 1) every weight is p(x), so every L_k is log p(x)."""
-    _, _, frames = setup
+    _, _, frames = gap_setup
     assert torch.allclose(frames.iwae[:, 1, 1], torch.full((2,), frames.log_px, dtype=torch.float64), atol=1e-10)
     assert float(frames.iwae_se[:, 1, 1].max()) < 1e-10
 
 
-def test_bounds_match_independent_estimates_and_rise_with_k(setup):
+def test_bounds_match_independent_estimates_and_rise_with_k(gap_setup):
     """A frame's L_k agrees with estimates from vaelib.log_weights; ELBO < L_4 < L_64 <= log p(x)."""
-    toy, x, frames = setup
+    toy, x, frames = gap_setup
     torch.manual_seed(3)
     q = Independent(Normal(frames.loc[2, 2].reshape(1, 1), frames.scale[2, 2].reshape(1, 1)), 1)
     for n, k in enumerate(frames.ks):
@@ -82,18 +72,18 @@ def test_bounds_match_independent_estimates_and_rise_with_k(setup):
         ({"draws": 3}, ValueError, "draws"),
     ],
 )
-def test_argument_errors(setup, change, error, match):
+def test_argument_errors(gap_setup, change, error, match):
     """Bad arguments raise before any work, naming the argument."""
-    toy, x, _ = setup
+    toy, x, _ = gap_setup
     kwargs = {"toy": toy, "x": x, "shifts": torch.zeros(2), "widths": torch.ones(2), "ks": (2,), "draws": 100}
     kwargs.update(change)
     with pytest.raises(error, match=match):
         gap_frames(**kwargs)
 
 
-def test_jensen_gap_is_the_kl_to_the_posterior(setup):
+def test_jensen_gap_is_the_kl_to_the_posterior(gap_setup):
     """The Monte Carlo Jensen gap meets the closed-form KL(q || p(z|x)) within 4 standard errors."""
-    toy, x, _ = setup
+    toy, x, _ = gap_setup
     torch.manual_seed(4)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean + 0.3, 1.4 * posterior.stddev), 1)
@@ -103,9 +93,9 @@ def test_jensen_gap_is_the_kl_to_the_posterior(setup):
     assert gap > 4 * se and abs(gap - exact) < 4 * se
 
 
-def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
+def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(gap_setup):
     """L_1 meets the exact ELBO; L_20 is above it and below log p(x)."""
-    toy, x, _ = setup
+    toy, x, _ = gap_setup
     torch.manual_seed(5)
     posterior = toy.posterior(x)
     q = Independent(Normal(posterior.mean - 0.4, 1.2 * posterior.stddev), 1)
@@ -116,8 +106,8 @@ def test_bound_estimate_at_k_1_is_the_elbo_and_rises_with_k(setup):
     assert L20 < toy.log_marginal(x)[0] + 4 * se20
 
 
-def test_monte_carlo_helpers_argument_errors(setup):
-    toy, x, _ = setup
+def test_monte_carlo_helpers_argument_errors(gap_setup):
+    toy, x, _ = gap_setup
     q = toy.posterior(x)
     with pytest.raises(ValueError, match="n"):
         vaelib.book.synthesis.jensen_gap(x, q, toy.log_joint, n=1)

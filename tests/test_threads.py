@@ -82,7 +82,7 @@ def test_an_explicit_count_is_respected(policy, monkeypatch, digits, how):
         epochs=2,
         batch_size=20,
         device="cpu",
-        callback=lambda h: seen.append(torch.get_num_threads()),
+        callbacks=[lambda h: seen.append(torch.get_num_threads())],
     )
     assert seen == [expected, expected]
     assert torch.get_num_threads() == expected
@@ -97,7 +97,7 @@ def test_fit_uses_the_policy_and_restores_the_count(policy, digits):
         epochs=2,
         batch_size=20,
         device="cpu",
-        callback=lambda h: seen.append(torch.get_num_threads()),
+        callbacks=[lambda h: seen.append(torch.get_num_threads())],
     )
     assert seen == [1, 1]
     assert torch.get_num_threads() == DEFAULT
@@ -111,7 +111,7 @@ def test_fit_restores_the_count_after_an_exception(policy, digits):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        vaelib.fit(_small_vae(), digits, epochs=3, batch_size=20, device="cpu", callback=fail)
+        vaelib.fit(_small_vae(), digits, epochs=3, batch_size=20, device="cpu", callbacks=[fail])
     assert torch.get_num_threads() == DEFAULT
 
 

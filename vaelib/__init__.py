@@ -34,9 +34,10 @@ from vaelib.networks import MLPConfig
 from vaelib.objectives import ELBO, IWAE, BetaELBO, Renyi
 from vaelib.renyi import renyi_from_log_weights
 from vaelib.toy import LinearGaussian, as_multivariate_normal
-from vaelib.train import TrainingDiverged, fit
 from vaelib.training.callbacks import EarlyStopping
+from vaelib.training.fit import fit
 from vaelib.training.history import History
+from vaelib.training.loop import TrainingDiverged
 from vaelib.training.model_file import CheckpointError, load, save
 
 __version__ = "0.1.0"

@@ -10,8 +10,9 @@ from typing import NoReturn
 from vaelib._checks import LIKELIHOODS, MATMUL_PRECISIONS, MAX_SEED
 from vaelib.iwae_gradients import IWAE_ESTIMATORS
 from vaelib.networks import ACTIVATIONS
+from vaelib.objectives import ELBO, IWAE, BetaELBO, Objective, Renyi
 
-__all__ = ["CLI_OBJECTIVES", "EPILOG", "EXIT_ERROR", "Command", "make_parser"]
+__all__ = ["CLI_OBJECTIVES", "EPILOG", "EXIT_ERROR", "Command", "make_parser", "objective_from_args"]
 
 # The bounds --objective names (vaelib.cli builds the objective value of each).
 CLI_OBJECTIVES = ("elbo", "iwae", "beta-elbo", "renyi")
@@ -57,24 +58,51 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+def _float_above(low: float, *, strict: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number > ``low`` (``strict``) or >= ``low``."""
+    expected = f"a finite number {'>' if strict else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
+_positive_float = _float_above(0.0, strict=True)
+_nonnegative_float = _float_above(0.0, strict=False)
+
+
+# --objective NAME: the objective value it builds, and the flags that set its fields.
+_BUILDS: dict[str, tuple[Callable[..., Objective], tuple[str, ...]]] = {
+    "elbo": (ELBO, ("k", "analytic_kl")),
+    "iwae": (IWAE, ("k", "estimator")),
+    "beta-elbo": (BetaELBO, ("k", "beta", "warmup_epochs", "free_bits")),
+    "renyi": (Renyi, ("k", "alpha")),
+}
+_OBJECTIVE_FLAGS = ("k", "analytic_kl", "estimator", "beta", "warmup_epochs", "free_bits", "alpha")
+
+
+def objective_from_args(args: argparse.Namespace) -> Objective:
+    """The objective value that ``--objective`` and its flags describe (the same classes as ``fit`` takes)."""
+    make, fields = _BUILDS[args.objective]
+    given = {flag: getattr(args, flag) for flag in _OBJECTIVE_FLAGS if getattr(args, flag) not in (None, False)}
+    stray = [flag for flag in given if flag not in fields]
+    if stray:
+        flag = stray[0].replace("_", "-")
+        users = [name for name, (_, f) in _BUILDS.items() if stray[0] in f]
+        raise ValueError(f"--{flag}: applies to --objective {' or '.join(users)} only, not {args.objective}")
+    if args.objective == "renyi" and "alpha" not in given:
+        raise ValueError("--alpha: --objective renyi needs its alpha, a number in [0, 1)")
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+        return make(**given)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{str(err).split(':', 1)[0].replace('_', '-')}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def make_parser(description: str, *, train: Command, evaluate: Command) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@
 
 ``python -m vaelib`` is the same program. ``train`` writes into ``--out``:
 ``run.json`` (the options, first), ``checkpoint.pt`` after every epoch (atomically,
-see :func:`vaelib.checkpoint.atomic_save`), then ``metrics.json`` (history,
+see :func:`vaelib.training.model_file.atomic_save`), then ``metrics.json`` (history,
 options, test bound, test log-likelihood) and ``samples.png``. Errors print one
 line to standard error and exit with status 2; an interrupted run exits with
 status 130 (Ctrl-C), 143 (SIGTERM, as cluster schedulers send before killing a
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vaelib._checks import check_architecture
-from vaelib._cli_parser import EXIT_ERROR, make_parser
+from vaelib._cli_parser import EXIT_ERROR, make_parser, objective_from_args
 from vaelib._io.atomic import atomic_write, remove_stale_temporaries
 from vaelib._io.lock import RunLocked, exclusive
 from vaelib._runtime.devices import resolve_device, training_precision
@@ -49,7 +49,6 @@ from vaelib.data import binarize, load_digits, load_mnist
 from vaelib.evaluate import log_likelihood
 from vaelib.models import VAE
 from vaelib.objectives import (
-    ELBO,
     IWAE,
     BetaELBO,
     Objective,
@@ -60,10 +59,11 @@ from vaelib.objectives import (
     upgrade_settings,
     validation_objective,
 )
-from vaelib.train import TrainingDiverged, fit, run_settings
 from vaelib.training.checkpoint import verify_training_checkpoint
 from vaelib.training.distributed import init_from_env, rank_and_world_size, shutdown
+from vaelib.training.fit import fit, run_settings
 from vaelib.training.history import History
+from vaelib.training.loop import TrainingDiverged
 from vaelib.training.model_file import load
 from vaelib.training.run_folder import CHECKPOINT, LOCK, METRICS, RUN, SAMPLES, check_out, read_run, write_json
 
@@ -74,33 +74,6 @@ X_DIM = {"digits": 64, "mnist": 784}
 # Options that must be the same when a run is resumed (each set by the flag --KEY-WITH-DASHES);
 # the objective, with every field, is compared as its value records it.
 _FIXED = "data z_dim hidden activation likelihood objective batch_size lr seed".split()
-
-
-# --objective NAME: the objective value it builds, and the flags that set its fields.
-_BUILDS: dict[str, tuple[Callable[..., Objective], dict[str, str]]] = {
-    "elbo": (ELBO, {"k": "k", "analytic_kl": "analytic_kl"}),
-    "iwae": (IWAE, {"k": "k", "estimator": "estimator"}),
-    "beta-elbo": (BetaELBO, {"k": "k", "beta": "beta", "warmup_epochs": "warmup_epochs", "free_bits": "free_bits"}),
-    "renyi": (Renyi, {"k": "k", "alpha": "alpha"}),
-}
-_OBJECTIVE_FLAGS = ("k", "analytic_kl", "estimator", "beta", "warmup_epochs", "free_bits", "alpha")
-
-
-def objective_from_args(args: argparse.Namespace) -> Objective:
-    """The objective value that ``--objective`` and its flags describe (the same classes as ``fit`` takes)."""
-    make, fields = _BUILDS[args.objective]
-    given = {flag: getattr(args, flag) for flag in _OBJECTIVE_FLAGS if getattr(args, flag) not in (None, False)}
-    stray = [flag for flag in given if flag not in fields]
-    if stray:
-        flag = stray[0].replace("_", "-")
-        users = [name for name, (_, f) in _BUILDS.items() if stray[0] in f]
-        raise ValueError(f"--{flag}: applies to --objective {' or '.join(users)} only, not {args.objective}")
-    if args.objective == "renyi" and "alpha" not in given:
-        raise ValueError("--alpha: --objective renyi needs its alpha, a number in [0, 1)")
-    try:
-        return make(**{fields[flag]: value for flag, value in given.items()})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"--{str(err).split(':', 1)[0].replace('_', '-')}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def _label(objective: Objective) -> str:

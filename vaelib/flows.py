@@ -106,7 +106,7 @@ class FlowVAE(VAE):
 
     ``encode(x)`` returns a zuko ``NormalizingFlow`` with batch shape
     ``(batch,)`` and event shape ``(z_dim,)``: it has ``rsample``, ``log_prob``
-    and ``rsample_and_log_prob``, so :func:`~vaelib.train.fit` (``"elbo"``,
+    and ``rsample_and_log_prob``, so :func:`~vaelib.training.fit.fit` (``"elbo"``,
     ``"iwae"``), :func:`~vaelib.evaluate.log_likelihood` and
     ``vaelib.load(path, model=...)`` work unchanged. There is no closed-form
     KL to the prior: ``elbo(x, analytic_kl=True)`` raises ``ValueError``.

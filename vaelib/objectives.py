@@ -1,4 +1,4 @@
-"""What :func:`~vaelib.train.fit` maximizes, as values: :class:`ELBO`, :class:`IWAE`, :class:`BetaELBO`, :class:`Renyi`.
+"""What :func:`~vaelib.training.fit.fit` maximizes, as values: ELBO, IWAE, BetaELBO and Renyi.
 
 An objective is anything called as ``objective(model, x)`` that returns a
 differentiable bound per data point, shape ``(batch,)`` (the :class:`Objective`

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from vaelib._checks import check_log_weights
 
-__all__ = ["check_alpha", "renyi_from_log_weights"]
+__all__ = ["SMALL_ONE_MINUS_ALPHA", "check_alpha", "renyi_from_log_weights"]
 
 # Below this 1 - alpha the log1p/expm1 form keeps the digits that logsumexp - log k would cancel.
-_SMALL = 1e-3
+SMALL_ONE_MINUS_ALPHA = 1e-3
 
 
 def check_alpha(alpha: object) -> float:
@@ -65,7 +65,7 @@ def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
     alpha = check_alpha(alpha)
     s = 1.0 - alpha
     k = log_w.shape[0]
-    if s >= _SMALL:
+    if s >= SMALL_ONE_MINUS_ALPHA:
         return (torch.logsumexp(s * log_w, dim=0) - math.log(k)) / s
     # log mean exp(s log w) = m + log1p(mean(expm1(s (log w - m)))) for m = mean(log w): each
     # s (log w - m) is small, so nothing of size log k is subtracted.

@@ -5,7 +5,7 @@
 device this machine does not have, naming it. :func:`float32_matmul_precision`
 lets a block multiply float32 matrices on tensor cores (TF32) or bfloat16
 units, and restores the caller's setting afterwards. :func:`training_precision`
-sets the precision that :func:`~vaelib.train.fit` trains at, for the calls inside
+sets the precision that :func:`~vaelib.training.fit.fit` trains at, for the calls inside
 its block (``"medium"`` elsewhere).
 """
 
@@ -91,7 +91,7 @@ _TRAINING_PRECISION: ContextVar[MatmulPrecision] = ContextVar("vaelib_training_p
 
 @contextlib.contextmanager
 def training_precision(precision: MatmulPrecision | str) -> Iterator[None]:
-    """Train at ``precision`` in every :func:`~vaelib.train.fit` called inside the block.
+    """Train at ``precision`` in every :func:`~vaelib.training.fit.fit` called inside the block.
 
     ``fit`` multiplies float32 matrices in its training steps at ``"medium"`` (TF32 on a
     GPU, bfloat16 products on a CPU that has them; see :func:`float32_matmul_precision`);
@@ -107,5 +107,5 @@ def training_precision(precision: MatmulPrecision | str) -> Iterator[None]:
 
 
 def fit_precision() -> MatmulPrecision:
-    """The precision :func:`~vaelib.train.fit` trains at here: set by :func:`training_precision`, else ``"medium"``."""
+    """The precision :func:`~vaelib.training.fit.fit` trains at: :func:`training_precision`'s, else ``"medium"``."""
     return _TRAINING_PRECISION.get()

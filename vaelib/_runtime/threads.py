@@ -11,7 +11,7 @@ as with one thread. The OpenMP wait policy (``OMP_WAIT_POLICY=passive``)
 would help too, but GNU OpenMP reads it once, when torch is imported, so a
 library cannot set it.
 
-So vaelib's CPU loops (:func:`vaelib.train.fit`'s training steps,
+So vaelib's CPU loops (:func:`vaelib.training.fit.fit`'s training steps,
 :func:`vaelib.evaluate.log_likelihood`'s passes,
 :func:`vaelib.estimators.gradient_samples`) time their own steps with one
 thread and with torch's default number, keep the faster, and try the other

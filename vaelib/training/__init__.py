@@ -1,4 +1,4 @@
-"""The training engine behind :func:`vaelib.train.fit`: callbacks, the per-epoch history, where batches come
+"""The training engine behind :func:`vaelib.training.fit.fit`: callbacks, the per-epoch history, where batches come
 from, checkpoints, several processes under ``torchrun`` and the run folder of the command line.
 
 The math it trains lives at the top of the package; this folder holds the machinery.

@@ -1,6 +1,6 @@
 """Where an epoch's batches come from: resident on the device, or streamed from the host.
 
-Every epoch :func:`vaelib.train.fit` draws one permutation of the rows from
+Every epoch :func:`vaelib.training.fit.fit` draws one permutation of the rows from
 ``(seed, epoch)`` and cuts it into batches of ``batch_size`` rows; the two
 sources below turn those index batches into data on the device.
 

@@ -1,6 +1,6 @@
-"""Callbacks: what :func:`~vaelib.train.fit` does beyond the loop, with control over it.
+"""Callbacks: what :func:`~vaelib.training.fit.fit` does beyond the loop, with control over it.
 
-A callback follows Keras's protocol. :func:`~vaelib.train.fit` first hands
+A callback follows Keras's protocol. :func:`~vaelib.training.fit.fit` first hands
 every callback the run's :class:`TrainState` (``set_state``), then calls
 ``on_train_begin(logs)``, ``on_epoch_end(epoch, logs)`` after each completed
 epoch, and ``on_train_end(logs)`` however training ends. ``on_epoch_end``
@@ -54,7 +54,7 @@ Logs = dict[str, Any]
 
 @dataclass
 class TrainState:
-    """What a callback may look at (and change) during :func:`~vaelib.train.fit`.
+    """What a callback may look at (and change) during :func:`~vaelib.training.fit.fit`.
 
     Attributes
     ----------

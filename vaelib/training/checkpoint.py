@@ -1,4 +1,4 @@
-"""Training checkpoints: what :func:`vaelib.train.fit` writes after every epoch to resume a run exactly.
+"""Training checkpoints: what :func:`vaelib.training.fit.fit` writes after every epoch to resume a run exactly.
 
 A checkpoint is a model file (:mod:`vaelib.training.model_file`) that also
 holds the optimizer's state (and a scheduler's), the history and the settings
@@ -39,7 +39,7 @@ def write_training_checkpoint(
     settings: dict[str, Any],
     scheduler: Any = None,
 ) -> Path:
-    """Write what :func:`~vaelib.train.fit` needs to resume: weights, optimizer (and scheduler) state,
+    """Write what :func:`~vaelib.training.fit.fit` needs to resume: weights, optimizer (and scheduler) state,
     history, settings."""
     record = {
         "format": FORMAT,
@@ -141,7 +141,7 @@ def read_training_checkpoint(
     epochs: int | None = None,
     scheduler: Any = None,
 ) -> History:
-    """Restore ``vae``, ``opt`` (and ``scheduler``) from a checkpoint of :func:`~vaelib.train.fit`;
+    """Restore ``vae``, ``opt`` (and ``scheduler``) from a checkpoint of :func:`~vaelib.training.fit.fit`;
     return its history.
 
     Raises

@@ -1,6 +1,6 @@
 """Training one model on several processes with ``torch.distributed`` (data parallelism).
 
-Start a script that calls :func:`vaelib.train.fit` with ``torchrun``, or the
+Start a script that calls :func:`vaelib.training.fit.fit` with ``torchrun``, or the
 command line itself::
 
     torchrun --nproc-per-node 4 -m vaelib train --data mnist --root data/mnist --out runs/x

@@ -1,4 +1,4 @@
-"""What :func:`~vaelib.train.fit` records: one row per epoch, and a plot of it."""
+"""What :func:`~vaelib.training.fit.fit` records: one row per epoch, and a plot of it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ __all__ = ["History"]
 
 @dataclass
 class History:
-    """Per-epoch training record of :func:`~vaelib.train.fit`.
+    """Per-epoch training record of :func:`~vaelib.training.fit.fit`.
 
     Attributes
     ----------

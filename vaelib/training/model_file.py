@@ -1,6 +1,6 @@
 """Model files: saving and loading a model, safely and atomically, and reading any file vaelib wrote.
 
-The training checkpoints of :func:`vaelib.train.fit` are model files with the
+The training checkpoints of :func:`vaelib.training.fit.fit` are model files with the
 optimizer's state and the history beside the weights
 (:mod:`vaelib.training.checkpoint`).
 
@@ -254,7 +254,7 @@ def _load_into(model: torch.nn.Module, record: dict[str, Any], path: str | os.Pa
 
 
 def load(path: str | os.PathLike[str], *, model: VAE | None = None, device: str | torch.device | None = None) -> VAE:
-    """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.train.fit`.
+    """Load a VAE saved by :func:`save` or a training checkpoint written by :func:`~vaelib.training.fit.fit`.
 
     Parameters
     ----------
