@@ -143,8 +143,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "score-term-dropped",
         "vaelib/estimators.py",
-        "return (f + f.detach() * (log_q - log_q.detach())).mean(dim=0)",
-        "return f.mean(dim=0)",
+        "return (pathwise + ((log_p - log_q).detach() - b) * score).mean(dim=0)",
+        "return (log_p - log_q).mean(dim=0)",
         "the score-function surrogate without its score term: only the pathwise part of the gradient",
     ),
     Mutation(

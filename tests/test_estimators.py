@@ -115,3 +115,104 @@ def test_signal_to_noise_is_unbiased_for_its_square_where_the_plain_ratio_is_not
     se = float(corrected.std() / sets**0.5)
     assert abs(float(corrected.mean()) - truth) < 4 * se + 0.01  # the clamp at 0 adds a little
     assert float(plain.mean()) - truth > 0.04
+
+
+def _score_with(baseline):
+    """The score estimator with ``baseline`` as a surrogate for gradient_samples; a per-point tensor is
+    repeated to the batched copies of the data (gradient_samples stacks them as x.repeat(n, 1))."""
+
+    def surrogate(x, q, model, k):
+        b = baseline.repeat(x.shape[0] // baseline.numel()) if isinstance(baseline, torch.Tensor) else baseline
+        return elbo_surrogate(x, q, model, k, estimator="score", baseline=b)
+
+    return surrogate
+
+
+def test_baseline_one_is_the_surrogate_that_keeps_grad_f(toy, toy_data):
+    """baseline=1.0 is, draw by draw, the surrogate f + stop(f) (log q - stop(log q)) (vaelib's before the
+    baseline, Pyro's form), whose gradient grad f + f grad log q keeps the pathwise term grad f = -grad log q."""
+    (loc, log_scale), make_q, _ = _setup(toy, toy_data)
+    torch.manual_seed(3)
+    q = make_q(loc, log_scale)
+    z = q.sample((4,))  # (4, batch, z_dim)
+    log_q = q.log_prob(z)
+    f = toy.log_joint(toy_data, z) - log_q
+    old = (f + f.detach() * (log_q - log_q.detach())).mean(dim=0)
+    torch.manual_seed(3)
+    new = elbo_surrogate(toy_data, make_q(loc, log_scale), toy, k=4, estimator="score", baseline=1.0)
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    params = [loc, log_scale]
+    for a, b in zip(torch.autograd.grad(old.sum(), params), torch.autograd.grad(new.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("baseline", [None, 1.0, -4.0, "per point"])
+def test_score_estimator_is_unbiased_for_every_baseline(toy, toy_data, baseline):
+    """With no baseline, a number or one number per data point, the mean gradient is the exact one (4 SE)."""
+    params, make_q, exact = _setup(toy, toy_data)
+    if baseline == "per point":
+        baseline = torch.linspace(-8.0, 2.0, toy_data.shape[0], dtype=torch.float64)
+    grads = gradient_samples(toy_data, params, make_q, toy, estimator=_score_with(baseline), n=4000, batched=True)
+    se = grads.std(0) / grads.shape[0] ** 0.5
+    assert bool(((grads.mean(0) - exact).abs() <= 4 * se).all())
+
+
+def test_a_baseline_changes_the_variance_not_the_mean(toy, toy_data):
+    """Under one seed a baseline b moves each draw by exactly -b grad log q (autograd on log q at the same z);
+    that score has mean zero and E|s|^2 = sum_j (1 / s_j^2 + 2), the Fisher information of (loc, log scale),
+    so the mean stays; b = ELBO cuts the total variance by more than 4 standard errors."""
+    params, make_q, exact = _setup(toy, toy_data)
+    z_dim, n = toy.z_dim, 4000
+    b = toy.elbo(toy_data, make_q(*params)).detach()  # (batch,): the exact ELBO of each point
+    grads = {}
+    for name, surrogate in [("none", _score_with(None)), ("elbo", _score_with(b)), ("score", _log_q)]:
+        torch.manual_seed(7)
+        grads[name] = gradient_samples(toy_data, params, make_q, toy, estimator=surrogate, n=n, batched=True)
+    s = grads["score"]  # (n, n_params): grad log q at the draws of the other two
+    per_column = b.repeat_interleave(z_dim).repeat(2)  # (n_params,): loc then log scale, point by point
+    torch.testing.assert_close(grads["elbo"] - grads["none"], -per_column * s, rtol=0, atol=1e-10)
+    assert bool((s.mean(0).abs() <= 4 * s.std(0) / n**0.5).all())
+    sq = s.pow(2).sum(1)  # (n,): |s|^2
+    fisher = ((-2 * params[1].detach()).exp() + 2).sum()
+    assert abs(sq.mean() - fisher) < 4 * sq.std() / n**0.5
+    spread = {name: ((g - g.mean(0)) ** 2).sum(1) for name, g in grads.items()}  # mean: total variance
+    gap = spread["none"].mean() - spread["elbo"].mean()
+    assert gap > 4 * ((spread["none"].var() + spread["elbo"].var()) / n) ** 0.5
+    for g in (grads["none"], grads["elbo"]):
+        assert bool(((g.mean(0) - exact).abs() <= 4 * g.std(0) / n**0.5).all())
+
+
+def _log_q(x, q, model, k):
+    """A surrogate whose gradient is grad log q at the draws the score surrogate makes under the same seed."""
+    return q.log_prob(q.sample((k,))).mean(dim=0)
+
+
+def test_the_baseline_leaves_the_decoder_gradient_alone():
+    """For a VAE the score surrogate's decoder gradient is grad_theta log p(x, z) at its draws, whatever b."""
+    vae = vaelib.VAE.mlp(x_dim=5, z_dim=2, hidden=(8,)).double()
+    x = torch.bernoulli(torch.full((4, 5), 0.5, dtype=torch.float64))
+    decoder = list(vae.decoder.parameters())
+    torch.manual_seed(1)
+    z = vae.encode(x).sample((3,))  # (3, batch, z_dim)
+    pathwise = torch.autograd.grad(vae.log_joint(x, z).mean(0).sum(), decoder)
+    for baseline in [None, 1.0, torch.arange(4, dtype=torch.float64)]:
+        torch.manual_seed(1)
+        surrogate = elbo_surrogate(x, vae.encode(x), vae, k=3, estimator="score", baseline=baseline)
+        for a, b in zip(torch.autograd.grad(surrogate.sum(), decoder), pathwise, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_bad_baselines_are_refused(toy, toy_data):
+    """A baseline for another estimator, of the wrong shape or type, or not finite, is refused before any work."""
+    q = Independent(Normal(torch.zeros(toy_data.shape[0], toy.z_dim, dtype=torch.float64), 1.0), 1)
+    cases = [
+        ({"estimator": "reparam", "baseline": 1.0}, ValueError, "only estimator='score'"),
+        ({"estimator": "score", "baseline": torch.zeros(3)}, ValueError, r"shape \(\) or \(5,\)"),
+        ({"estimator": "score", "baseline": float("nan")}, ValueError, "finite"),
+        ({"estimator": "score", "baseline": torch.tensor([0.0, 1, 2, 3, float("inf")])}, ValueError, "finite"),
+        ({"estimator": "score", "baseline": True}, TypeError, "got bool"),
+        ({"estimator": "score", "baseline": "elbo"}, TypeError, "got str"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            elbo_surrogate(toy_data, q, toy, **kwargs)

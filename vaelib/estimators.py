@@ -8,8 +8,9 @@ estimate of the ELBO and whose *gradient* (by ``backward``) is the estimator:
     (Kingma and Welling 2013, section 2.4; Rezende et al. 2014).
 ``"score"``
     the score-function (REINFORCE) estimator
-    :math:`\\nabla_\\phi \\mathcal{L} = \\mathbb{E}_q[f(z) \\nabla_\\phi \\log q_\\phi(z)]`
-    with :math:`f = \\log p(x, z) - \\log q_\\phi(z)` (Williams 1992; Paisley et al. 2012).
+    :math:`\\nabla_\\phi \\mathcal{L} = \\mathbb{E}_q[(f(z) - b) \\nabla_\\phi \\log q_\\phi(z)]`
+    with :math:`f = \\log p(x, z) - \\log q_\\phi(z)` and a baseline :math:`b`, zero by default
+    (Williams 1992; Paisley et al. 2012).
 ``"analytic_kl"``
     reparameterized reconstruction term minus the closed-form
     :math:`\\mathrm{KL}(q \\,\\|\\, p(z))` (Kingma and Welling 2013, eq. 10).
@@ -20,6 +21,8 @@ The chapter "Optimizing the bound" measures the variance of each.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -79,6 +82,7 @@ def elbo_surrogate(
     k: int = 1,
     *,
     estimator: Estimator = "reparam",
+    baseline: float | Tensor | None = None,
 ) -> Tensor:
     """A surrogate of the ELBO whose gradient is the chosen estimator.
 
@@ -94,14 +98,47 @@ def elbo_surrogate(
     k : int
         Samples per data point.
     estimator : {"reparam", "score", "analytic_kl"}
+    baseline : None, float or Tensor of shape () or (batch,)
+        For ``"score"`` only: the constant :math:`b` subtracted from :math:`f`, one number
+        or one per data point (detached; it must not depend on the draws). ``None`` is the
+        plain estimator, :math:`b = 0`. ``baseline=1.0`` is the surrogate that keeps the
+        pathwise term :math:`\\nabla_\\phi f = -\\nabla_\\phi \\log q_\\phi(z)` beside the
+        score term, as Pyro's ``Trace_ELBO`` does, since :math:`\\nabla_\\phi f + f \\nabla_\\phi \\log q_\\phi
+        = (f - 1) \\nabla_\\phi \\log q_\\phi` (vaelib's score surrogate before the baseline).
 
     Returns
     -------
     Tensor, shape (batch,)
         Equal in value to a Monte Carlo ELBO estimate for every estimator.
+
+    Notes
+    -----
+    For ``"score"``, with :math:`z_1, \\dots, z_k \\sim q_\\phi` drawn without a path to
+    :math:`\\phi` and :math:`f_i = \\log p_\\theta(x, z_i) - \\log q_\\phi(z_i)`, the surrogate is
+
+    .. math::
+
+        \\frac{1}{k} \\sum_{i=1}^{k} \\Big[\\log p_\\theta(x, z_i) - \\bot(\\log q_\\phi(z_i))
+        + \\bot(f_i - b)\\,\\big(\\log q_\\phi(z_i) - \\bot(\\log q_\\phi(z_i))\\big)\\Big],
+
+    where :math:`\\bot` stops gradients. Its value is :math:`\\frac{1}{k} \\sum_i f_i`; its gradient is
+    :math:`\\frac{1}{k} \\sum_i (f_i - b) \\nabla_\\phi \\log q_\\phi(z_i)` in :math:`\\phi` (which
+    :math:`\\log p_\\theta` does not involve) and
+    :math:`\\frac{1}{k} \\sum_i \\nabla_\\theta \\log p_\\theta(x, z_i)` in the model's parameters.
+    Both are unbiased for every :math:`b` free of the draws, because
+    :math:`\\mathbb{E}_{q_\\phi}[\\nabla_\\phi \\log q_\\phi(z)] = 0`; :math:`b` changes only the
+    variance, which the constant :math:`\\mathbb{E}[f \\lVert s \\rVert^2] / \\mathbb{E}\\lVert s \\rVert^2`,
+    :math:`s = \\nabla_\\phi \\log q_\\phi(z)`, minimizes (summed over the parameters).
+
+    References
+    ----------
+    Williams (1992), "Simple statistical gradient-following algorithms for connectionist
+    reinforcement learning", section 4 (REINFORCE and its reinforcement baseline); Mohamed et al. (2020),
+    "Monte Carlo gradient estimation in machine learning", sections 4 and 7 (control variates).
     """
     check_positive_int(k, "k")
     check_choice(estimator, "estimator", ESTIMATORS)
+    b = _check_baseline(baseline, estimator, q.batch_shape)
     if estimator == "reparam":
         z = q.rsample((k,))  # (k, batch, z_dim)
         return (model.log_joint(x, z) - q.log_prob(z)).mean(dim=0)
@@ -110,9 +147,32 @@ def elbo_surrogate(
         return _likelihood(model, z).log_prob(x).mean(dim=0) - kl(q, model.prior)
     z = q.sample((k,)).detach()  # (k, batch, z_dim), no path for gradients
     log_q = q.log_prob(z)  # (k, batch)
-    f = model.log_joint(x, z) - log_q
-    # value f; gradient grad f + f * grad log q (the first term has mean zero in phi)
-    return (f + f.detach() * (log_q - log_q.detach())).mean(dim=0)
+    log_p = model.log_joint(x, z)  # (k, batch)
+    pathwise = log_p - log_q.detach()  # value f; gradient grad log p at fixed z (the decoder's)
+    score = log_q - log_q.detach()  # value 0; gradient grad log q
+    return (pathwise + ((log_p - log_q).detach() - b) * score).mean(dim=0)
+
+
+def _check_baseline(baseline: object, estimator: str, batch_shape: torch.Size) -> float | Tensor:
+    """``baseline`` as a number or a detached tensor that broadcasts over ``(k, batch)``; ``None`` is 0."""
+    if baseline is None:
+        return 0.0
+    if estimator != "score":
+        raise ValueError(f"baseline: only estimator='score' takes a baseline, got one with estimator={estimator!r}")
+    if isinstance(baseline, Tensor):
+        if baseline.dim() > 0 and baseline.shape != batch_shape:
+            raise ValueError(
+                f"baseline: expected a number or a tensor of shape () or {tuple(batch_shape)} (one per data point), "
+                f"got shape {tuple(baseline.shape)}"
+            )
+        if not bool(torch.isfinite(baseline).all()):
+            raise ValueError("baseline: expected finite values, got a tensor with NaN or infinity")
+        return baseline.detach()
+    if isinstance(baseline, bool) or not isinstance(baseline, numbers.Real):
+        raise TypeError(f"baseline: expected None, a number or a tensor, got {type(baseline).__name__}")
+    if not math.isfinite(baseline):
+        raise ValueError(f"baseline: expected a finite number, got {baseline}")
+    return float(baseline)
 
 
 def gradient_samples(

@@ -160,7 +160,7 @@ class BetaELBO(_Value):
 
     .. math::
 
-        \\mathcal{L}_\\beta(x) = \\mathbb{E}_{q_\\phi(z \\mid x)}\\big[\\log p_\\theta(x \\mid z)\\big]
+        \\mathcal{L}^{\\beta}(x) = \\mathbb{E}_{q_\\phi(z \\mid x)}\\big[\\log p_\\theta(x \\mid z)\\big]
         - \\beta_e\\, \\mathrm{KL}\\big(q_\\phi(z \\mid x) \\,\\Vert\\, p(z)\\big),
 
     where the weight :math:`\\beta_e` of epoch :math:`e` is ``beta``, or rises linearly from
@@ -223,7 +223,7 @@ class BetaELBO(_Value):
 
 @dataclass(frozen=True)
 class Renyi(_Value):
-    """The Renyi bound :math:`\\mathcal{L}_\\alpha` with ``k`` samples, reparameterized.
+    """The Renyi bound :math:`\\mathcal{L}^{(\\alpha)}_k` with ``k`` samples, reparameterized.
 
     .. math::
 

@@ -4,7 +4,7 @@ For :math:`\\alpha \\in [0, 1)` and log weights :math:`\\log w_i` of ``k`` draws
 
 .. math::
 
-    \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
+    \\hat{\\mathcal{L}}^{(\\alpha)}_k(x) = \\frac{1}{1 - \\alpha}
     \\log \\frac{1}{k} \\sum_{i=1}^k w_i^{1 - \\alpha},
 
 the Monte Carlo estimate of
@@ -43,7 +43,7 @@ def renyi_from_log_weights(log_w: Tensor, alpha: float) -> Tensor:
 
     .. math::
 
-        \\hat{\\mathcal{L}}_{\\alpha}(x) = \\frac{1}{1 - \\alpha}
+        \\hat{\\mathcal{L}}^{(\\alpha)}_k(x) = \\frac{1}{1 - \\alpha}
         \\Big(\\operatorname{logsumexp}_i\\big((1 - \\alpha) \\log w_i\\big) - \\log k\\Big)
 
     Parameters
