@@ -18,7 +18,7 @@ same ``--out`` is refused with the first one's pid.
 
 Started by ``torchrun`` (``torchrun --nproc-per-node 4 -m vaelib train ...``),
 every process trains one share of each batch of ``--batch-size`` rows (the
-global batch, see :mod:`vaelib.distributed`); rank 0 alone checks ``--out``,
+global batch, see :mod:`vaelib.training.distributed`); rank 0 alone checks ``--out``,
 fetches the data, writes the files and prints.
 """
 

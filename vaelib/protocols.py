@@ -7,18 +7,18 @@ the :class:`~vaelib.bimodal.Bimodal` model, or a model of your own written with
 shapes follow :func:`vaelib.bounds.log_weights`, with ``x`` of shape
 ``(batch, *x_shape)`` and ``z`` of shape ``(k, batch, z_dim)``.
 
-=====================  ==============================  ==================================================
-protocol               methods                         used by
-=====================  ==============================  ==================================================
-:class:`JointModel`    ``prior``, ``log_joint(x, z)``  the gradient estimators (:mod:`vaelib.estimators`,
-                                                       :mod:`vaelib.iwae_gradients`): a bound needs the
-                                                       joint density, the analytic KL also the prior
-:class:`AmortizedModel` ``encode(x)``,                 the evaluation (:mod:`vaelib.evaluate`): importance
-                        ``log_joint(x, z)``            samples from the encoder, weighted by the joint
-:class:`EncoderDecoder` ``prior``, ``encode(x)``,      the rate and the distortion
-                        ``decode(z)``                  (:mod:`vaelib.rate_distortion`), which need the
-                                                       prior and the likelihood apart
-=====================  ==============================  ==================================================
+=========================  ===============================  ====================================================
+protocol                   methods                          used by
+=========================  ===============================  ====================================================
+:class:`JointModel`        ``prior``, ``log_joint(x, z)``   the gradient estimators (:mod:`vaelib.estimators`,
+                                                            :mod:`vaelib.iwae_gradients`): a bound needs the
+                                                            joint density, the analytic KL also the prior
+:class:`AmortizedModel`    ``encode(x)``,                   the evaluation (:mod:`vaelib.evaluate`): importance
+                           ``log_joint(x, z)``              samples from the encoder, weighted by the joint
+:class:`EncoderDecoder`    ``prior``, ``encode(x)``,        the rate and the distortion
+                           ``decode(z)``                    (:mod:`vaelib.rate_distortion`), which need the
+                                                            prior and the likelihood apart
+=========================  ===============================  ====================================================
 
 A :class:`~vaelib.models.VAE` is all three. ``prior`` is :math:`p(z)`,
 ``log_joint(x, z)`` is :math:`\\log p(x, z)` of shape ``(k, batch)``,

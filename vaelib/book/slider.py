@@ -173,7 +173,7 @@ def slider_html(frames: GapFrames, *, element_id: str = "synthesis-slider") -> s
     Parameters
     ----------
     frames : GapFrames
-        From :func:`gap_frames`.
+        From :func:`~vaelib.book.synthesis.gap_frames`.
     element_id : str
         The HTML id of the figure, unique on its page.
 

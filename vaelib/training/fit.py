@@ -188,15 +188,16 @@ def fit(
         map-style data set's items are rows (or pairs whose first element is the row); of a
         DataLoader only its data set and its ``num_workers`` (for streamed batches) are used.
     objective : {"elbo", "iwae"}, an objective value or a function
-        What to maximize: :class:`vaelib.ELBO`, :class:`vaelib.IWAE`, :class:`vaelib.BetaELBO`,
-        :class:`vaelib.Renyi` (see :mod:`vaelib.objectives`), or a function ``(vae, x) -> (batch,)``.
+        What to maximize: :class:`~vaelib.objectives.ELBO`, :class:`~vaelib.objectives.IWAE`,
+        :class:`~vaelib.objectives.BetaELBO`, :class:`~vaelib.objectives.Renyi` (see
+        :mod:`vaelib.objectives`), or a function ``(vae, x) -> (batch,)``.
         ``"elbo"`` is ``vaelib.ELBO()`` and ``"iwae"`` is ``vaelib.IWAE()`` (k = 5).
     epochs : int
         Total number of passes over the data (a resumed run counts those done).
     batch_size : int
         Rows per step, all processes together: under ``torchrun`` each of :math:`R` ranks
         takes ``batch_size / R`` rows of every batch (a multiple of :math:`R` is required),
-        and the step follows the mean over the whole batch (see :mod:`vaelib.distributed`).
+        and the step follows the mean over the whole batch (see :mod:`vaelib.training.distributed`).
     lr : float, optional
         Learning rate of the default optimizer, fused Adam (1e-3 if not given).
     optimizer : callable, optional
@@ -219,14 +220,14 @@ def fit(
     valid_every : int
         Score ``valid_x`` every this many epochs, and after the last epoch.
     callbacks : list, optional
-        :class:`~vaelib.callbacks.Callback` objects or plain functions ``f(history)``;
+        :class:`~vaelib.training.callbacks.Callback` objects or plain functions ``f(history)``;
         any of them returning ``True`` after an epoch stops training cleanly. Early
         stopping and keeping the best weights: ``vaelib.EarlyStopping(patience=3,
         restore_best_weights=True)``.
     seed : int
         Seeds every random choice (an integer in [0, 2**64 - 1]); a CPU run repeats exactly.
     checkpoint : path-like, optional
-        File written atomically after every epoch (see :func:`vaelib.checkpoint.atomic_save`),
+        File written atomically after every epoch (see :func:`vaelib.training.model_file.atomic_save`),
         and at once if ``epochs`` is 0: a process killed at any moment leaves the previous
         epoch's file intact. The file is locked for the run (a second process training into
         it is refused with the first one's pid; a lock left by a dead process is taken over).
@@ -244,11 +245,11 @@ def fit(
     stream : bool, optional
         Stream batches from the host (``True``) or hold the data on the device (``False``);
         by default resident when the data fit half of the device's free memory
-        (:mod:`vaelib.batches`). Both read the same batches: a CPU run ends with the same weights.
+        (:mod:`vaelib.training.batches`). Both read the same batches: a CPU run ends with the same weights.
 
     Returns
     -------
-    vaelib.history.History
+    vaelib.training.history.History
         Per-epoch training bound, validation bound and seconds. After a
         ``KeyboardInterrupt`` it holds the epochs completed, ``interrupted`` is
         set and the model is as it was at the end of the last completed epoch.
@@ -260,13 +261,13 @@ def fit(
         If the bound or the weights become NaN or infinite; the message names the
         epoch, the model is restored to the previous epoch and the last checkpoint
         (which only ever holds finite weights) is kept.
-    vaelib.checkpoint.CheckpointError
+    vaelib.training.model_file.CheckpointError
         With ``if_exists="resume"``, if the checkpoint is unreadable, was written with
         another objective or other settings (both are named) or for another architecture,
         or holds NaN or infinite weights; nothing is changed.
-    vaelib.checkpoint.WriteError
+    vaelib._io.atomic.WriteError
         If a checkpoint cannot be written (a full disk); the previous one is intact.
-    vaelib.checkpoint.RunLocked
+    vaelib._io.lock.RunLocked
         If another live process is training into ``checkpoint``; its pid is in the message.
     TypeError
         For a keyword of an earlier version (``k``, ``beta``, ``resume``, ...): the message
@@ -278,7 +279,7 @@ def fit(
     Notes
     -----
     The training steps multiply float32 matrices at the precision of
-    :func:`vaelib.training_precision` (``"medium"`` unless set).
+    :func:`vaelib.training_precision <vaelib._runtime.devices.training_precision>` (``"medium"`` unless set).
 
     References
     ----------

@@ -6,7 +6,8 @@ it (no DataLoader, no per-batch host-to-device copies); Bernoulli data are
 re-binarized per batch (dynamic binarization, Burda et al. 2015, section 5);
 and the host reads the running bound once per epoch, so the device never
 waits for Python between steps. The training steps multiply matrices at the
-precision of :func:`vaelib.training_precision` (``"medium"`` unless set): TF32
+precision of :func:`vaelib.training_precision <vaelib._runtime.devices.training_precision>`
+(``"medium"`` unless set): TF32
 tensor cores on a GPU, bfloat16 AMX tiles on a recent Intel CPU, float32 sums
 and results either way. The Monte Carlo noise of a gradient step is far larger
 than the rounding, and ``benchmarks/throughput.py`` checks that the trained
@@ -130,10 +131,10 @@ def _all_finite(vae: VAE) -> bool:
 
 @dataclass
 class Run:
-    """Everything one call of :func:`fit` resolved before the first epoch."""
+    """Everything one call of :func:`~vaelib.training.fit.fit` resolved before the first epoch."""
 
     vae: VAE
-    batches: ResidentBatches | StreamedBatches  # the training rows (vaelib.batches)
+    batches: ResidentBatches | StreamedBatches  # the training rows (vaelib.training.batches)
     valid: Tensor | None  # binarized once when binarize is on
     objective: Objective  # this epoch's (the given objective's for_epoch)
     base_objective: Objective  # as given to fit
@@ -155,7 +156,7 @@ class Run:
         None  # set while an epoch is part-way through
     )
     threads: StepThreads | None = None  # the CPU thread policy of the steps, set by fit
-    rank: int = 0  # this process and the number of processes (vaelib.distributed)
+    rank: int = 0  # this process and the number of processes (vaelib.training.distributed)
     world_size: int = 1
     ddp: nn.Module | None = None  # the objective wrapped in DistributedDataParallel when world_size > 1
 
