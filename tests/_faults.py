@@ -1,9 +1,10 @@
-"""Faults the reliability tests inject: a disk that fills up, and a lock held by another process."""
+"""Faults the reliability tests inject (a disk that fills up, a lock held by another process) and what they leave."""
 
 from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import vaelib._io.atomic
 import vaelib._io.lock
@@ -47,3 +48,15 @@ with lock.exclusive(sys.argv[1], "test"):
     print("locked", flush=True)
     sys.stdin.readline()
 """
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed command (no traceback)."""
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def temporaries(folder: Path) -> list[str]:
+    """The names of the temporary files an interrupted atomic write left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vaelib
-from tests._faults import FullDisk
+from tests._faults import FullDisk, one_line_error, temporaries
 from vaelib._io.atomic import WriteError
 from vaelib.cli import main
 from vaelib.training.model_file import CheckpointError, atomic_save, read_checkpoint
@@ -271,17 +271,6 @@ def run(argv: list) -> int:
         return main([str(a) for a in argv])
     except SystemExit as stop:
         return stop.code
-
-
-def one_line_error(capsys) -> str:
-    """The single stderr line of a failed command (no traceback)."""
-    _, err = capsys.readouterr()
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def temporaries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
 MEASURE = """

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import vaelib
-from tests._faults import HOLD_LOCK, FullDisk
+from tests._faults import HOLD_LOCK, FullDisk, one_line_error, temporaries
 from vaelib._io.lock import RunLocked
 from vaelib.cli import build_parser, main
 from vaelib.training.model_file import CheckpointError, read_checkpoint
@@ -414,17 +414,6 @@ def digits() -> torch.Tensor:
 def tiny(activation: str = "tanh", seed: int = 0) -> vaelib.VAE:
     torch.manual_seed(seed)
     return vaelib.VAE.mlp(X_DIM, 2, hidden=(8,), activation=activation)
-
-
-def one_line_error(capsys) -> str:
-    """The single stderr line of a failed command (no traceback)."""
-    _, err = capsys.readouterr()
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def temporaries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
 @pytest.fixture
